@@ -1,0 +1,26 @@
+# Two entry points: `make demo` (the main job on the demo data) and `make test`.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+DEMO    := demo_data
+DEMOOUT := demo_out
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m c2f_med.demo --data $(DEMO) --out $(DEMOOUT)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(DEMOOUT)

@@ -1,0 +1,179 @@
+"""C2F-Explainer (Ding, Cheng, Geng, Huang & Ju, IEEE TKDE 36(12), 2024): coarse-to-fine explanations.
+
+This is the project's reconstruction in ../shared/docs/c2f_spec.md (the paper's equations are not
+public). Step 0: one clean pass. Step 1: ViT-CX masks (:mod:`~c2f_med.explain.masks`). Step 2: S3WM
+(:mod:`~c2f_med.explain.s3wm`) keeps the positive masks for the coarse map. Step 3: AF
+(:mod:`~c2f_med.explain.af`) refines it with a cross-layer patch relation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from c2f_med.explain.af import fine_map, patch_relation
+from c2f_med.explain.attention import minmax, targets_for
+from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
+from c2f_med.explain.perturb import MaskRequest, causal_probabilities, class_probability
+from c2f_med.explain.s3wm import BND, decide, evaluation, sharpen, three_way
+from c2f_med.explain.vitcx import MaskScoringParams, causal_scores, coverage_map, mask_requests, perturbation_of, slice_masks
+
+__all__ = ["C2F", "SPEC_FIRST_DEFAULTS"]
+
+#: the spec's first defaults, pinned for the "c2f-first" variant while C2F.Params' defaults are searched
+SPEC_FIRST_DEFAULTS = {
+    "delta": 0.1,
+    "perturbation": "noise",
+    "noise_sigma": 0.1,
+    "blur_sigma": 4.0,
+    "s3wm": True,
+    "costaware": False,
+    "alpha1": 0.7,
+    "beta1": 0.3,
+    "sharpen_a": 0.5,
+    "alpha2": 0.6,
+    "beta2": 0.4,
+    "gamma3": 0.5,
+    "k_min": 5,
+    "af": True,
+    "relation": "gae",
+    "l0": 1,
+    "refine": "gate",
+    "mix_lambda": 1.0,
+}
+
+
+@register("c2f")
+@register("c2f-first", SPEC_FIRST_DEFAULTS)
+@register("c2f-noS3WM", {"s3wm": False})
+@register("c2f-noAF", {"af": False})
+@register("c2f-costaware", {"costaware": True})
+class C2F(Explainer):
+    """C2F-Explainer (Ding et al., TKDE 2024), as reconstructed in the project's spec.
+
+    Step 0: one pass ``model.run(x, tokens=True, attentions=af, target=c if relation == "gae")``
+    gives ``F``, ``A^l``, ``p_c(x)`` and ``dy_c/dA^l``; nothing is recomputed.
+    Step 1: ``K`` masks ``M_k`` (ViT-CX).
+    Step 2 (S3WM): ``S_k = p_c(x~_k) - p_c(x^_k) + p_c(x)``, ``e_k = clip(S_k / p_c(x), 0, 1)``;
+    sequential three-way decisions give gates ``g_k`` and the mask/score ``(M*_k, S*_k)`` of each
+    accepted mask; ``E_c(u) = minmax(sum_k g_k S*_k M*_k(u) / sum_j M_j(u))``.
+    Variant ``costaware``: level 1 decides on ``clip(p_c(x~_k) / p_c(x), 0, 1)`` (one forward per
+    mask); only ``BND1`` masks get ``x^_k`` (their full causal ``S_k`` and ``e_k``, used by level 3
+    and the fallback) and level 2. Masks without ``x^_k`` enter the map with ``S_k = p_c(x~_k)``.
+    Step 3 (AF): ``E_f = minmax(E_c * up(t))``, ``t_i = cos(P[i, :], f)`` with ``P`` the cross-layer
+    patch relation and ``f`` its prototype weighted by the pooled ``E_c``.
+    ``s3wm=False`` sets every ``g_k = 1``; ``af=False`` returns ``E_c``; both off is ViT-CX exactly.
+
+    Cost per slice (forward passes): ``1 + 2K + 2|BND1|`` (``costaware``: ``1 + K + 3|BND1|``), plus
+    one forward to find the predicted class when ``target`` is ``None`` and AF needs gradients; one
+    backward pass per slice with ``relation="gae"``. Records per slice: ``K``, ``pos1, neg1, bnd1,
+    pos2, neg2, bnd2, acc3, fallback`` (``None`` with ``s3wm=False``), ``accepted``, ``forward_passes``.
+    """
+
+    @dataclass
+    class Params(MaskScoringParams):
+        s3wm: bool = True  #: Step 2's sequential three-way decisions (False: every g_k = 1, ViT-CX's map)
+        costaware: bool = False  #: level 1 on one forward per mask; full score and level 2 only for BND1
+        alpha1: float = 0.7  #: level-1 accept threshold on e_k (Yao, losses 0 / 0.3 / 1)
+        beta1: float = 0.3  #: level-1 reject threshold on e_k
+        sharpen_a: float = 0.5  #: level-2 core threshold a: M'_k = M_k [M_k >= a]
+        alpha2: float = 0.6  #: level-2 accept threshold on e'_k (Yao, deferment loss 0.4)
+        beta2: float = 0.4  #: level-2 reject threshold on e'_k
+        gamma3: float = 0.5  #: level-3 two-way threshold on (e_k + e'_k) / 2
+        k_min: int = 5  #: fewest accepted masks; the fallback adds the best by level-1 e_k
+        af: bool = True  #: Step 3's attention fusion (False: the coarse map is the output)
+        relation: str = "gae"  #: "gae" | "rollout-last" | "rollout-all" (c2f_med.explain.af)
+        l0: int = 1  #: first layer (1-based) of the relation; 1 = all layers
+        refine: str = "gate"  #: "gate" | "propagate" | "mix" (c2f_med.explain.af)
+        mix_lambda: float = 1.0  #: weight of up(P s) in refine="mix"
+
+    def _explain(self, x: torch.Tensor, target: torch.Tensor | int | None) -> Explanation:
+        prm = self.params
+        b = x.shape[0]
+        grads = prm.af and prm.relation == "gae"
+        # Step 0: the one clean pass
+        if grads:
+            t, find_forward = targets_for(self.model, x, target)
+            out = self.model.run(x, tokens=True, attentions=True, target=t)
+        else:
+            with torch.inference_mode():
+                out = self.model.run(x, tokens=True, attentions=prm.af)
+            t, find_forward = resolve_target(out.logits, target), 0
+        p_clean = class_probability(out.logits, t)
+        # Step 1
+        masks = slice_masks(self.model, out, prm.delta)
+        perturbation = perturbation_of(prm)
+        baselines = [perturbation.baselines(xs, len(m)) for xs, m in zip(x, masks)]
+        # Step 2
+        if prm.s3wm:
+            coarse, records = self._s3wm(x, t, p_clean, masks, baselines)
+        else:
+            scores = causal_scores(self.model, x, t, p_clean, mask_requests(masks, baselines), prm.batch_size)
+            coarse = minmax(torch.stack([coverage_map(s, m) for s, m in zip(scores.split([len(m) for m in masks]), masks)]))
+            records = [_record(len(m), 2 * len(m), None, len(m)) for m in masks]
+        # Step 3
+        if prm.af:
+            relation = patch_relation(out.attentions, out.attention_grads, prm.relation, prm.l0)
+            maps = fine_map(coarse, relation, self.model.grid, self.model.patch_size, prm.refine, prm.mix_lambda)
+        else:
+            maps = coarse
+        step0 = 1 + (1 if find_forward else 0)  # per slice: the clean pass (and the class search)
+        for rec in records:
+            rec["forward_passes"] += step0
+        forward = sum(rec["forward_passes"] for rec in records)
+        return Explanation(saliency=maps.float(), target=t, forward_passes=forward, backward_passes=b if grads else 0, records=records)
+
+    def _s3wm(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        p_clean: torch.Tensor,
+        masks: list[torch.Tensor],
+        baselines: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[dict]]:
+        """Step 2 for the batch: coarse maps ``B x H x W`` and per-slice records (forwards without Step 0)."""
+        prm = self.params
+        counts = [len(m) for m in masks]
+        requests = mask_requests(masks, baselines)
+        # level 1
+        if prm.costaware:
+            (p_tilde,) = causal_probabilities(self.model, x, t, requests, prm.batch_size, images=("tilde",))
+            scores1 = p_tilde.split(counts)  # S_k = p_c(x~_k) until x^_k is scored
+            cheap = [evaluation(pt, p) for pt, p in zip(scores1, p_clean)]
+            regions1 = [three_way(e, prm.alpha1, prm.beta1) for e in cheap]
+        else:
+            scores1 = causal_scores(self.model, x, t, p_clean, requests, prm.batch_size).split(counts)
+            regions1 = [three_way(evaluation(s, p), prm.alpha1, prm.beta1) for s, p in zip(scores1, p_clean)]
+        bnd = [torch.nonzero(r == BND).flatten().tolist() for r in regions1]
+        if prm.costaware:  # the full causal score of the BND1 masks: S_k = p_c(x~_k) - p_c(x^_k) + p_c(x)
+            pairs = [(i, k) for i, ks in enumerate(bnd) for k in ks]
+            full = [MaskRequest(i, masks[i][k], baselines[i][k]) for i, k in pairs]
+            (p_hat,) = causal_probabilities(self.model, x, t, full, prm.batch_size, images=("hat",))
+            scores1 = [s.clone() for s in scores1]
+            for (i, k), ph in zip(pairs, p_hat):
+                scores1[i][k] += p_clean[i] - ph
+        # level 2: the sharpened BND1 masks, same perturbation e_k as their level-1 mask
+        sharp = [sharpen(m[ks], prm.sharpen_a) for m, ks in zip(masks, bnd)]
+        level2 = [MaskRequest(i, sharp[i][j], baselines[i][k]) for i, ks in enumerate(bnd) for j, k in enumerate(ks)]
+        scores2 = causal_scores(self.model, x, t, p_clean, level2, prm.batch_size).split([len(ks) for ks in bnd])
+        maps, records = [], []
+        for i, m in enumerate(masks):
+            e1 = evaluation(scores1[i], p_clean[i])
+            e2 = torch.full_like(e1, float("nan"))
+            e2[bnd[i]] = evaluation(scores2[i], p_clean[i])
+            d = decide(e1, e2, prm.alpha1, prm.beta1, prm.alpha2, prm.beta2, prm.gamma3, prm.k_min, region1=regions1[i])
+            chosen_masks, chosen_scores = m.clone(), scores1[i].clone()
+            for j, k in enumerate(bnd[i]):
+                if d.sharpened[k]:
+                    chosen_masks[k], chosen_scores[k] = sharp[i][j], scores2[i][j]
+            maps.append(coverage_map(chosen_scores[d.gate], chosen_masks[d.gate], coverage=m.sum(0)))
+            forward = (1 if prm.costaware else 2) * counts[i] + (3 if prm.costaware else 2) * len(bnd[i])
+            records.append(_record(counts[i], forward, d.counts, int(d.gate.sum())))
+        return minmax(torch.stack(maps)), records
+
+
+def _record(k: int, forward: int, counts: dict[str, int] | None, accepted: int) -> dict:
+    """A slice's record; ``forward`` counts the perturbed images only (Step 0 is added by the caller)."""
+    levels = ("pos1", "neg1", "bnd1", "pos2", "neg2", "bnd2", "acc3", "fallback")
+    return {"K": k, **{key: (None if counts is None else counts[key]) for key in levels}, "accepted": accepted, "forward_passes": forward}

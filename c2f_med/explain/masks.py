@@ -1,0 +1,73 @@
+"""Step 1 of ViT-CX / C2F: perturbation masks from the last layer's patch-token features.
+
+For one slice, the last block's patch tokens ``F`` (``N x D``, ``N = h * w``) are read as ``D``
+feature maps on the ``h x w`` token grid (:func:`token_maps`, each min-max normalised). Redundant
+maps are merged by agglomerative clustering at token resolution (:func:`merge_maps`: cosine distance,
+complete linkage, distance threshold ``delta``; each cluster's maps summed and min-max normalised),
+giving ``K <= D`` masks; these are upsampled bilinearly to the input grid (:func:`upsample_masks`).
+
+Clustering runs at TOKEN resolution (``h * w`` values per map), not at pixel resolution as in the
+ViT-CX code: bilinear upsampling is linear, so the two agree up to the boundary weighting of the
+interpolation, and token resolution is ``p**2`` times cheaper.
+
+Constant maps: a feature channel that is constant over the tokens min-max normalises to all zeros.
+It carries no location and its cosine distance is undefined, so all-zero maps are dropped before
+clustering (and a merged mask that is constant is dropped too). ``K`` counts the masks that remain;
+a slice whose every map is constant has ``K = 0``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.cluster.hierarchy import fcluster, linkage
+
+from c2f_med.explain.attention import minmax
+
+__all__ = ["token_maps", "merge_maps", "upsample_masks", "token_masks", "DEFAULT_DELTA"]
+
+#: distance threshold of the agglomerative clustering (cosine distance, complete linkage), as ViT-CX
+DEFAULT_DELTA = 0.1
+
+
+def token_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``F^T`` as ``D`` min-max normalised maps: tokens ``N x D`` -> ``D x h x w`` in [0, 1]."""
+    maps = tokens.t().reshape(tokens.shape[1], *grid)  # D x h x w (tokens are row-major on the grid)
+    return minmax(maps)
+
+
+def merge_maps(maps: torch.Tensor, delta: float = DEFAULT_DELTA) -> torch.Tensor:
+    """Merge redundant maps ``D x h x w`` -> ``K x h x w`` masks in [0, 1] (``K <= D``).
+
+    All-zero maps are dropped; the rest are clustered (scipy ``linkage``, cosine distance, complete
+    linkage; ``fcluster`` at distance ``delta``). Each cluster's maps are summed and min-max
+    normalised. Masks come in the order of ``fcluster``'s labels, a function of the maps alone.
+    """
+    flat = maps.reshape(maps.shape[0], -1)
+    kept = flat[flat.amax(1) > 0]  # D' x N, constant maps removed
+    if kept.shape[0] == 0:
+        return maps.new_zeros((0, *maps.shape[1:]))
+    if kept.shape[0] == 1:
+        labels = np.ones(1, dtype=int)
+    else:
+        tree = linkage(kept.detach().cpu().double().numpy(), method="complete", metric="cosine")
+        labels = fcluster(tree, t=delta, criterion="distance")
+    label_t = torch.as_tensor(labels, device=kept.device)
+    merged = torch.stack([kept[label_t == c].sum(0) for c in np.unique(labels)])  # K x N
+    merged = minmax(merged)
+    merged = merged[merged.amax(1) > 0]
+    return merged.reshape(merged.shape[0], *maps.shape[1:])
+
+
+def upsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (``align_corners=False``) of ``K x h x w`` masks to ``K x H x W``."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size))
+    return F.interpolate(masks.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def token_masks(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], delta: float = DEFAULT_DELTA) -> torch.Tensor:
+    """Step 1 for one slice: tokens ``N x D`` -> masks ``K x H x W`` in [0, 1]; ``K`` = ``len(result)``."""
+    tokens = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
+    return upsample_masks(merge_maps(token_maps(tokens, grid), delta), size)

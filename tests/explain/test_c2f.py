@@ -1,0 +1,150 @@
+"""C2F: ablations, cost bound, batch-composition independence, records, parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from c2f_med.explain.af import fine_map, patch_relation
+from c2f_med.explain.base import create
+from c2f_med.explain.c2f import C2F, SPEC_FIRST_DEFAULTS
+from c2f_med.models.vit import LesionViT, TimmViTAdapter
+
+LEVELS = ("pos1", "neg1", "bnd1", "pos2", "neg2", "bnd2", "acc3", "fallback")
+# on an untrained model e_k clusters just below 1: these thresholds put many masks in BND1
+WIDE_BAND = {"alpha1": 1.0, "beta1": 0.9, "alpha2": 1.0, "beta2": 0.95}
+
+
+def lesion_vit() -> LesionViT:
+    torch.manual_seed(0)
+    return LesionViT(img_size=32, stem_channels=(8, 16), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lesion_vit()
+
+
+@pytest.fixture(scope="module")
+def slices():
+    return torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def count_images(model):
+    seen: list[int] = []
+    return seen, model.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[0]))
+
+
+def test_without_s3wm_and_af_it_is_vitcx_exactly(model, slices):
+    vitcx = create("vitcx", model).explain(slices)
+    c2f = create("c2f", model, s3wm=False, af=False).explain(slices)
+    assert torch.equal(c2f.saliency, vitcx.saliency)
+    assert [r["K"] for r in c2f.records] == [r["K"] for r in vitcx.records]
+    assert c2f.forward_passes == vitcx.forward_passes and c2f.backward_passes == 0
+    other = create("vitcx", model, perturbation="blur").explain(slices)
+    assert torch.equal(create("c2f", model, s3wm=False, af=False, perturbation="blur").explain(slices).saliency, other.saliency)
+
+
+@pytest.mark.parametrize("costaware", [False, True])
+def test_forward_pass_bound(model, slices, costaware):
+    seen, handle = count_images(model)
+    try:
+        out = create("c2f", model, costaware=costaware, **WIDE_BAND).explain(slices, target=1)
+    finally:
+        handle.remove()
+    assert sum(r["bnd1"] for r in out.records) > 0  # level 2 did run
+    for r in out.records:
+        k, bnd1 = r["K"], r["bnd1"]
+        assert r["forward_passes"] <= 1 + 2 * k + 2 * bnd1
+        assert r["forward_passes"] == (1 + k + 3 * bnd1 if costaware else 1 + 2 * k + 2 * bnd1)
+    # the per-slice records add up to the images the model actually saw (Step 0 included)
+    assert out.forward_passes == sum(r["forward_passes"] for r in out.records) == sum(seen)
+    assert out.backward_passes == 3
+
+
+def test_predicted_class_costs_one_forward_when_gradients_are_needed(model, slices):
+    seen, handle = count_images(model)
+    try:
+        out = create("c2f", model).explain(slices)
+    finally:
+        handle.remove()
+    assert out.forward_passes == sum(seen) == sum(1 + 1 + 2 * r["K"] + 2 * r["bnd1"] for r in out.records)
+    no_grad = create("c2f", model, relation="rollout-last").explain(slices)
+    assert no_grad.backward_passes == 0
+    assert no_grad.forward_passes == sum(1 + 2 * r["K"] + 2 * r["bnd1"] for r in no_grad.records)
+
+
+@pytest.mark.parametrize("name", ["c2f", "c2f-costaware"])
+def test_batch_composition_independence(name):
+    """A slice alone or inside a batch of 3 gives the same map (float64 LesionViT; float32 timm ViT).
+
+    In float32 the conv stem's per-sample results vary with the batch size by ~1e-6, which the
+    per-slice min-max amplifies on the nearly flat maps of an untrained model; float64 removes
+    that rounding and leaves the algorithm's own batch dependence (there should be none).
+    """
+    torch.manual_seed(0)
+    timm_vit = TimmViTAdapter(VisionTransformer(img_size=32, patch_size=8, in_chans=1, num_classes=2, embed_dim=32,
+                                                depth=2, num_heads=2)).eval()
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    for model, xs in ((lesion_vit().double(), x.double()), (timm_vit, x)):
+        explainer = create(name, model, batch_size=7, **WIDE_BAND)
+        batch = explainer.explain(xs, target=1)
+        alone = explainer.explain(xs[1:2], target=1)
+        assert torch.allclose(alone.saliency[0], batch.saliency[1], atol=1e-5, rtol=0)
+        assert alone.records[0] == batch.records[1]
+
+
+def test_records(model, slices):
+    out = create("c2f", model, **WIDE_BAND).explain(slices, target=1)
+    assert len(out.records) == 3
+    for r in out.records:
+        assert set(r) == {"K", *LEVELS, "accepted", "forward_passes"}
+        assert r["pos1"] + r["neg1"] + r["bnd1"] == r["K"]
+        assert r["pos2"] + r["neg2"] + r["bnd2"] == r["bnd1"]
+        assert r["acc3"] <= r["bnd2"]
+        assert r["accepted"] == r["pos1"] + r["pos2"] + r["acc3"] + r["fallback"]
+        assert r["accepted"] >= min(r["K"], 5)
+    off = create("c2f-noS3WM", model).explain(slices, target=1)
+    for r in off.records:
+        assert all(r[key] is None for key in LEVELS) and r["accepted"] == r["K"]
+
+
+def test_af_refines_the_coarse_map(model, slices):
+    t = torch.tensor([1, 0, 1])
+    coarse = create("c2f-noAF", model).explain(slices, target=t)
+    fine = create("c2f", model).explain(slices, target=t)
+    out = model.run(slices, attentions=True, target=t)
+    want = fine_map(coarse.saliency, patch_relation(out.attentions, out.attention_grads), model.grid, model.patch_size)
+    assert torch.allclose(fine.saliency, want, atol=1e-5)
+    assert fine.saliency.min() == 0 and fine.saliency.max() == pytest.approx(1.0)
+    assert not torch.allclose(fine.saliency, coarse.saliency)
+
+
+def test_s3wm_changes_the_map_only_through_its_gates(model, slices):
+    # with thresholds every mask passes at level 1, S3WM is ViT-CX
+    everything = create("c2f", model, af=False, alpha1=0.0, beta1=-1.0).explain(slices, target=1)
+    assert torch.equal(everything.saliency, create("vitcx", model).explain(slices, target=1).saliency)
+    assert all(r["pos1"] == r["K"] for r in everything.records)
+    banded = create("c2f", model, af=False, **WIDE_BAND).explain(slices, target=1)
+    assert not torch.equal(banded.saliency, everything.saliency)
+
+
+def test_parameters_by_name(model):
+    e = create("c2f", model, relation="rollout-last", alpha1=0.8)
+    assert e.params.relation == "rollout-last" and e.params.alpha1 == 0.8 and e.params.beta1 == 0.3
+    assert create("c2f-noS3WM", model).params.s3wm is False
+    assert create("c2f-noAF", model).params.af is False
+    assert create("c2f-costaware", model).params.costaware is True
+    assert create("c2f-noAF", model, af=True).params.af is True  # overrides win over the variant's
+    with pytest.raises(ValueError):
+        create("c2f", model, alpah1=0.8)
+
+
+def test_first_defaults_are_pinned(model):
+    fields = {f.name for f in dataclasses.fields(C2F.Params)}
+    assert set(SPEC_FIRST_DEFAULTS) == fields - {"batch_size", "seed"}  # every algorithm constant pinned
+    first = create("c2f-first", model).param_dict()
+    assert all(first[k] == v for k, v in SPEC_FIRST_DEFAULTS.items())
