@@ -2,7 +2,6 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
-DEMO    := demo_data
 DEMOOUT := demo_out
 
 .PHONY: install demo test clean
@@ -11,13 +10,12 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m c2f_med.demo --data $(DEMO) --out $(DEMOOUT)
+	$(PY) -m c2f_med.demo --out $(DEMOOUT)
 
 test: install
 	$(PY) -m pytest -q

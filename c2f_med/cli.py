@@ -7,13 +7,34 @@ a traceback; nothing is written inside the inputs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from c2f_med.errors import find_input_error
+from c2f_med.errors import InputError, find_input_error
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parse_params"]
+
+DEFAULT_METHODS = "c2f,vitcx,rollout,attention,gae,gradcam"
+
+
+def parse_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``["c2f.relation=rollout-last", "c2f.alpha1=0.8"]`` -> ``{"c2f": {"relation": "rollout-last",
+    "alpha1": 0.8}}``. Values are read as JSON when they parse (numbers, booleans, lists), else as text."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise InputError(None, f"--param {item!r}: expected METHOD.NAME=VALUE, e.g. c2f.relation=rollout-last")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(method, {})[name] = parsed
+    return out
 
 
 def _synth(a: argparse.Namespace) -> None:
@@ -26,13 +47,79 @@ def _synth(a: argparse.Namespace) -> None:
 def _train(a: argparse.Namespace) -> None:
     from c2f_med.models.train import run_training
 
-    run_training(a.datalist, a.bundle, epochs=a.epochs, seed=a.seed, online_lesions=a.online_lesions,
-                 epoch_steps=a.epoch_steps)
+    result = run_training(a.datalist, a.bundle, epochs=a.epochs, seed=a.seed, online_lesions=a.online_lesions,
+                          epoch_steps=a.epoch_steps)
+    best = result["best"]
+    print(f"best validation slice AUROC {best['val_auroc']:.4f}, accuracy {best['val_accuracy']:.4f} "
+          f"at step {best['step']}; weights in {Path(a.bundle) / 'models' / 'model.pt'}")
+
+
+def _explain(a: argparse.Namespace) -> None:
+    from c2f_med.case import explain_case
+    from c2f_med.models.bundle import load_bundle
+
+    _check_out(a.out, [a.input, a.mask])
+    bundle = load_bundle(a.bundle, a.device)
+    result = explain_case(bundle, a.input, a.out, mask=a.mask, method=a.method,
+                          params=parse_params(a.param).get(a.method), axis=a.axis,
+                          min_probability=a.min_probability, normalise=a.normalise, series_uid=a.series_uid,
+                          deidentify=a.deidentify)
+    print(f"{result.case_id}: {result.explained_slices} slices explained in {result.seconds:.1f} s -> {result.folder}")
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from c2f_med.evaluate import run_evaluate
+
+    _check_out(a.out, [a.datalist])
+    run_evaluate(a.bundle, a.datalist, [m for m in a.methods.split(",") if m], a.out, limit=a.limit,
+                 workers=a.workers, params=parse_params(a.param), section=a.section, device=a.device)
+
+
+def _bench(a: argparse.Namespace) -> None:
+    from c2f_med.bench import run_bench
+
+    _check_out(a.out, [])
+    run_bench(a.bundle, [m for m in a.methods.split(",") if m], a.slices, a.out, params=parse_params(a.param),
+              datalist=a.datalist, device=a.device)
+
+
+def _audit(a: argparse.Namespace) -> None:
+    from c2f_med.audit import run_audit
+
+    _check_out(a.out, [a.datalist])
+    run_audit(a.bundle, a.datalist, a.out, method=a.method, params=parse_params(a.param).get(a.method),
+              section=a.section, device=a.device)
+
+
+def _check_out(out: Path, inputs: list[Path | None]) -> None:
+    """Refuse an output folder inside an input, or one that cannot be written, before any work."""
+    import os
+
+    out = Path(out).resolve()
+    for path in inputs:
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        if src.is_dir() and (out == src or src in out.parents):
+            raise InputError(out, f"output folder lies inside the input {src}; choose another --out")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(out, "output folder cannot be written (permission denied or not a folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="c2f-med", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
+
+    def bundle_args(s: argparse.ArgumentParser) -> None:
+        from c2f_med.models.bundle import DEFAULT_BUNDLE
+
+        s.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="MONAI bundle folder")
+        s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+        s.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
+                       help="override an explainer parameter, e.g. c2f.relation=rollout-last (repeatable)")
 
     s = sub.add_parser("synth", help="write semi-synthetic lesion scans on MNI152 anatomy")
     s.add_argument("--out", required=True, type=Path)
@@ -43,15 +130,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the slice classifier into a bundle")
     t.add_argument("--datalist", required=True, type=Path,
-                   help="its 'validation' cases are validated on; its 'training' cases trained on "
-                        "unless --online-lesions")
+                   help="its 'validation' cases select the best checkpoint; its 'training' cases are "
+                        "trained on unless --online-lesions")
     t.add_argument("--bundle", required=True, type=Path)
-    t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--epoch-steps", type=int, default=250, help="optimiser steps per epoch")
+    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--epoch-steps", type=int, default=500, help="optimiser steps per epoch")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--online-lesions", action="store_true",
                    help="train on synthetic anatomies with lesions drawn afresh for every volume")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("explain", help="saliency volume, overlay, predictions (and scores) for one scan")
+    bundle_args(e)
+    e.add_argument("--input", required=True, type=Path, help="NIfTI/MHA/NRRD file, DICOM folder or DICOM file")
+    e.add_argument("--mask", type=Path, help="lesion mask on the scan's grid (adds scores.json)")
+    e.add_argument("--method", default="c2f")
+    e.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
+    e.add_argument("--out", required=True, type=Path)
+    e.add_argument("--min-probability", type=float, help="explain only slices at or above this lesion probability")
+    e.add_argument("--normalise", choices=("slice", "volume"), default="slice")
+    e.add_argument("--series-uid", help="SeriesInstanceUID, for a folder holding several series")
+    e.add_argument("--deidentify", action="store_true", help="strip patient identifiers from DICOM outputs")
+    e.set_defaults(func=_explain)
+
+    v = sub.add_parser("evaluate", help="score explanation methods against lesion masks over a datalist")
+    bundle_args(v)
+    v.add_argument("--datalist", required=True, type=Path)
+    v.add_argument("--methods", default=DEFAULT_METHODS)
+    v.add_argument("--out", required=True, type=Path)
+    v.add_argument("--limit", type=int, help="only the first N cases")
+    v.add_argument("--workers", type=int, default=1, help="worker processes")
+    v.add_argument("--section", default="testing", help="datalist section to evaluate")
+    v.set_defaults(func=_evaluate)
+
+    b = sub.add_parser("bench", help="time every method on the same slices")
+    bundle_args(b)
+    b.add_argument("--methods", default=DEFAULT_METHODS)
+    b.add_argument("--slices", type=int, default=16)
+    b.add_argument("--datalist", type=Path, help="take slices from its testing cases (default: synthesise)")
+    b.add_argument("--out", required=True, type=Path)
+    b.set_defaults(func=_bench)
+
+    u = sub.add_parser("audit", help="resumable cohort run (torchrun for several processes)")
+    bundle_args(u)
+    u.add_argument("--datalist", required=True, type=Path)
+    u.add_argument("--out", required=True, type=Path)
+    u.add_argument("--method", default="c2f")
+    u.add_argument("--section", default="testing")
+    u.set_defaults(func=_audit)
     return p
 
 

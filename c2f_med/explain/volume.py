@@ -10,13 +10,18 @@ the output volume plus one batch of slices, whatever the number of slices.
 
 Slices that are entirely 0 (background, e.g. padding outside the field of view) are neither
 classified nor explained: saliency 0, probability NaN. With ``min_probability`` set, slices whose
-target probability is below it get saliency 0 and are not explained.
+target probability is below it get saliency 0 and are not explained. With ``slices`` set, only
+those indices are explained (every non-background slice is still classified): the evaluation
+explains the lesion slices only. ``keep_model_grid`` also returns each explained slice's map on
+the model's ``size x size`` input grid, as the explainer gave it (for faithfulness curves, which
+perturb the model's input).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +67,8 @@ class VolumeExplanation:
         backward_passes: the explainer's backward passes.
         method: the explainer's registry name.
         axis: the slicing axis.
+        model_grid_maps: with ``keep_model_grid``, ``{slice index: size x size}`` float32 CPU maps of
+            the explained slices on the model's input grid (before mapping back); else empty.
     """
 
     saliency: MetaTensor
@@ -71,6 +78,7 @@ class VolumeExplanation:
     backward_passes: int = 0
     method: str = ""
     axis: int = 2
+    model_grid_maps: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def explain_volume(
@@ -83,6 +91,8 @@ def explain_volume(
     min_probability: float | None = None,
     normalise: str = "slice",
     progress: bool = True,
+    slices: Sequence[int] | None = None,
+    keep_model_grid: bool = False,
 ) -> VolumeExplanation:
     """Explain every slice of ``scan`` along ``axis`` with ``explainer`` (and its model).
 
@@ -98,6 +108,9 @@ def explain_volume(
             ``"volume"``: each slice's map then weighted by its target probability and the volume
             divided by its maximum, so saliency is comparable across slices.
         progress: show a tqdm bar over slices.
+        slices: explain only these slice indices (``None``: all); the others get saliency 0 and
+            ``explained=False`` but are classified all the same (non-background ones).
+        keep_model_grid: also keep the model-grid maps in ``model_grid_maps``.
     """
     if scan.ndim != 4 or scan.shape[0] != 1:
         raise ValueError(f"expected a 1 x X x Y x Z scan, got shape {tuple(scan.shape)}")
@@ -124,12 +137,20 @@ def explain_volume(
         saliency = MetaTensor(saliency)
     out_slices = torch.movedim(saliency.as_tensor()[0], axis, 0)  # n x h x w view: writes land in `saliency`
     n = out_slices.shape[0]
+    selected = torch.ones(n, dtype=torch.bool)
+    if slices is not None:
+        wanted = torch.as_tensor(list(slices), dtype=torch.long)
+        if wanted.numel() and (wanted.min() < 0 or wanted.max() >= n):
+            raise ValueError(f"slice indices must lie in [0, {n}), got {sorted(set(wanted.tolist()))}")
+        selected = torch.zeros(n, dtype=torch.bool)
+        selected[wanted] = True
     result = VolumeExplanation(saliency=saliency, predictions=[], method=explainer.name, axis=axis)
 
     with tqdm(total=n, disable=not progress, desc=f"explain {explainer.name or 'volume'}", unit="slice") as bar:
         for start in range(0, n, slice_batch):
             index = list(range(start, min(start + slice_batch, n)))
-            _explain_batch(volume, index, axis, explainer, target, min_probability, size, device, out_slices, result)
+            _explain_batch(volume, index, selected[index], axis, explainer, target, min_probability, size, device,
+                           out_slices, result, keep_model_grid)
             bar.update(len(index))
 
     if normalise == "volume":
@@ -145,6 +166,7 @@ def explain_volume(
 def _explain_batch(
     volume: torch.Tensor,
     index: list[int],
+    selected: torch.Tensor,
     axis: int,
     explainer: Explainer,
     target: int,
@@ -153,8 +175,10 @@ def _explain_batch(
     device: torch.device,
     out_slices: torch.Tensor,
     result: VolumeExplanation,
+    keep_model_grid: bool,
 ) -> None:
-    """Classify and explain the slices ``index``; write their maps into ``out_slices``."""
+    """Classify the slices ``index``, explain the ``selected`` ones (``len(index)`` booleans) that pass
+    ``min_probability``; write their maps into ``out_slices``."""
     raw = volume_slices(volume, axis, index).float()  # b x 1 x h x w
     foreground = raw.flatten(1).ne(0).any(1)
     probs = torch.full((len(index),), math.nan)
@@ -166,7 +190,7 @@ def _explain_batch(
             p = explainer.model(x).softmax(1)[:, target].float().cpu()
         result.forward_passes += x.shape[0]
         probs[foreground] = p
-        keep = torch.ones_like(p, dtype=torch.bool) if min_probability is None else p >= min_probability
+        keep = selected[foreground] if min_probability is None else selected[foreground] & (p >= min_probability)
         chosen[foreground] = keep
         if keep.any():
             expl = explainer.explain(x[keep.to(device)], target)
@@ -176,4 +200,6 @@ def _explain_batch(
             result.forward_passes += expl.forward_passes
             result.backward_passes += expl.backward_passes
             result.records += [{"index": i, **r} for i, r in zip(explained, expl.records)]
+            if keep_model_grid:
+                result.model_grid_maps.update(zip(explained, expl.saliency.float().cpu()))
     result.predictions += [SlicePrediction(i, p, c) for i, p, c in zip(index, probs.tolist(), chosen.tolist())]

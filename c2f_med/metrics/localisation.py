@@ -287,7 +287,8 @@ def average_precision(saliency: ArrayLike, mask: ArrayLike) -> float:
 def localisation_scores(saliency: ArrayLike, mask: ArrayLike, tolerance: float = 0) -> dict[str, float]:
     """All localisation scores of one slice or volume.
 
-    Keys: ``pointing_game`` (tolerance 0), ``pointing_game_tol`` (``tolerance`` voxels),
+    Keys: ``pointing_game`` (tolerance 0), ``pointing_game_tol`` (``tolerance`` voxels), both with
+    ``ties="first"`` so that a flat map is not rewarded with a hit,
     ``relevance_mass``, ``iou`` / ``dice`` (map thresholded at its mean), ``iou_topk`` /
     ``dice_topk`` (area-matched), ``auroc``, ``ap``. All NaN for an empty mask.
 
@@ -299,8 +300,8 @@ def localisation_scores(saliency: ArrayLike, mask: ArrayLike, tolerance: float =
     s, m = _pair(saliency, mask)
     pred = threshold_mean(s)
     return {
-        "pointing_game": pointing_game(s, m),
-        "pointing_game_tol": pointing_game(s, m, tolerance),
+        "pointing_game": pointing_game(s, m, ties="first"),
+        "pointing_game_tol": pointing_game(s, m, tolerance, ties="first"),
         "relevance_mass": relevance_mass(s, m),
         "iou": iou(pred, m),
         "dice": dice(pred, m),

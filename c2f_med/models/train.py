@@ -59,6 +59,7 @@ class TrainConfig:
     anatomy_pool: int = 24  # anatomies kept in memory, one replaced every `anatomy_refresh` volumes
     anatomy_refresh: int = 8
     lesions_per_volume: tuple[int, int] = (2, 6)
+    twin_negative: float = 0.75  # share of negatives taken at a positive's slice of the lesion-free twin
     seed: int = 0
     model: dict = field(default_factory=dict)  # LesionViT keyword arguments
     img_size: int = 96
@@ -106,43 +107,54 @@ class OnlineLesionSlices(IterableDataset):
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
-    def _volume(self, anatomy, rng: np.random.Generator, step: int):
+    def _twins(self, anatomy, rng: np.random.Generator, step: int):
+        """One volume with fresh lesions and its lesion-free twin (same bias and noise), both through
+        the inference preset and slicing: ``(x, y)`` of each, ``x`` ``n x 1 x S x S``."""
         from c2f_med.io.transforms import MRPercentileNorm
         from c2f_med.synth.anatomy import finalise
         from c2f_med.synth.lesions import insert_lesions
 
-        ranges = _curriculum(self.cfg, step)
         n = int(rng.integers(self.cfg.lesions_per_volume[0], self.cfg.lesions_per_volume[1] + 1))
-        image, mask, _ = insert_lesions(anatomy.image, anatomy, rng, n, **ranges)
-        image = finalise(image, anatomy.bias, anatomy.noise_sigma, rng)
-        image = MRPercentileNorm()(torch.from_numpy(image)[None])[0]
-        return slice_dataset(image, torch.from_numpy(mask), self.cfg.img_size)
+        lesioned, mask, _ = insert_lesions(anatomy.image, anatomy, rng, n, **_curriculum(self.cfg, step))
+        noise_seed = int(rng.integers(2**31))
+        out = []
+        for image, label in ((lesioned, mask), (anatomy.image, np.zeros_like(mask))):
+            image = finalise(image, anatomy.bias, anatomy.noise_sigma, np.random.default_rng(noise_seed))
+            image = MRPercentileNorm()(torch.from_numpy(image)[None])[0].as_tensor()  # plain tensor: fast ops
+            x, y, index = slice_dataset(image, torch.from_numpy(label), self.cfg.img_size)
+            out.append((x, y, index))
+        return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Positives: slices through fresh lesions. Negatives: with probability ``twin_negative`` the
+        same slice of the lesion-free twin, else any slice of the twin. Pairing removes the shortcut
+        that lesion-bearing slices sit mid-brain while lesion-free ones are edge slices."""
         from c2f_med.synth.anatomy import make_anatomy
 
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
         pool = [make_anatomy(rng) for _ in range(cfg.anatomy_pool)]
-        buffer_x: list[torch.Tensor] = []
-        buffer_y: list[int] = []
+        buffer: list[tuple[torch.Tensor, int]] = []
         volumes = 0
         for step in itertools.count():
-            while len(buffer_y) < 4 * cfg.batch_size:
-                x, y, _ = self._volume(pool[int(rng.integers(len(pool)))], rng, step)
-                for i in _balanced(x, y, rng, cfg.batch_size // 2):
-                    buffer_x.append(x[i])
-                    buffer_y.append(int(y[i]))
+            while len(buffer) < 4 * cfg.batch_size:
+                (x, y, index), (tx, _, tindex) = self._twins(pool[int(rng.integers(len(pool)))], rng, step)
+                positives = np.flatnonzero(y.numpy() == 1)
+                twin_row = {int(i): r for r, i in enumerate(tindex.tolist())}
+                for p in rng.permutation(positives)[: cfg.batch_size]:
+                    buffer.append((x[p], 1))
+                    same = twin_row.get(int(index[p]))
+                    q = same if same is not None and rng.random() < cfg.twin_negative else int(rng.integers(len(tx)))
+                    buffer.append((tx[q], 0))
                 volumes += 1
                 if volumes % cfg.anatomy_refresh == 0:
                     pool[int(rng.integers(len(pool)))] = make_anatomy(rng)
-            order = rng.permutation(len(buffer_y))
-            take, rest = order[: cfg.batch_size], order[cfg.batch_size:]
-            batch = {"image": torch.stack([buffer_x[i] for i in take]),
-                     "label": torch.tensor([buffer_y[i] for i in take])}
-            buffer_x = [buffer_x[i] for i in rest]
-            buffer_y = [buffer_y[i] for i in rest]
-            yield {"image": augment(batch["image"], rng), "label": batch["label"]}
+            order = rng.permutation(len(buffer))
+            take = order[: cfg.batch_size]
+            images = torch.stack([buffer[i][0] for i in take])
+            labels = torch.tensor([buffer[i][1] for i in take])
+            buffer = [buffer[i] for i in order[cfg.batch_size:]]
+            yield {"image": augment(images, rng), "label": labels}
 
 
 class DatalistSlices(IterableDataset):

@@ -12,7 +12,9 @@ Intensity convention: clean images are on a "white matter ~ 1.0" scale with back
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
@@ -116,7 +118,37 @@ def load_template(resolution_mm: float = 2.0) -> Template:
 
 @functools.lru_cache(maxsize=4)
 def _load_template(res: int) -> Template:
-    """:func:`load_template` for a whole number of mm, cached."""
+    """:func:`load_template` for a whole number of mm, cached in memory and on disk.
+
+    Importing nilearn and resampling its 1 mm template take seconds, so the cropped maps are kept in
+    ``$C2F_MED_CACHE`` (default ``~/.cache/c2f_med``) as an ``.npz`` named by the resolution, the
+    crop margin and nilearn's version; the first call writes it atomically, later processes read it.
+    """
+    from importlib.metadata import version
+
+    from c2f_med.atomic import atomic_path
+
+    cache = Path(os.environ.get("C2F_MED_CACHE", Path.home() / ".cache" / "c2f_med"))
+    path = cache / f"mni152_{res}mm_margin{CROP_MARGIN}_nilearn{version('nilearn')}.npz"
+    try:
+        with np.load(path) as npz:
+            maps = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError):
+        maps = _read_template(res)
+        try:
+            with atomic_path(path) as tmp:
+                np.savez(tmp, **maps)
+        except OSError:  # no writable cache folder: work without it
+            pass
+    affine = maps.pop("affine")
+    for a in (*maps.values(), affine):
+        a.flags.writeable = False
+    t1_means = tuple(float(np.mean(maps["t1"][maps[n] > 0.9])) for n in ("csf", "gm", "wm"))
+    return Template(affine=affine, t1_means=t1_means, **maps)
+
+
+def _read_template(res: int) -> dict[str, NDArray]:
+    """nilearn's maps at ``res`` mm, cropped to the head: t1, gm, wm, csf, brain, head, affine."""
     from nilearn.datasets import (
         load_mni152_brain_mask,
         load_mni152_gm_template,
@@ -146,13 +178,8 @@ def _load_template(res: int) -> Template:
     t1 /= np.median(t1[wm > 0.9])
     gm, wm = gm * brain, wm * brain
     csf = np.clip(brain - gm - wm, 0, 1).astype(np.float32)
-    maps = dict(t1=t1, gm=gm.astype(np.float32), wm=wm.astype(np.float32), csf=csf,
-                brain=brain, head=head)
-    for a in maps.values():
-        a.flags.writeable = False
-    affine.flags.writeable = False
-    t1_means = tuple(float(np.mean(t1[maps[n] > 0.9])) for n in ("csf", "gm", "wm"))
-    return Template(affine=affine, t1_means=t1_means, **maps)
+    return dict(t1=t1, gm=gm.astype(np.float32), wm=wm.astype(np.float32), csf=csf,
+                brain=brain, head=head, affine=affine)
 
 
 def make_anatomy(rng: np.random.Generator, contrast: str | None = None, resolution_mm: float = 2.0) -> Anatomy:
@@ -229,8 +256,8 @@ def finalise(
     if np.shape(image) != np.shape(bias):
         raise ValueError(f"image shape {np.shape(image)} and bias shape {np.shape(bias)} differ")
     signal = np.asarray(image, dtype=np.float32) * np.asarray(bias, dtype=np.float32)
-    real = signal + rng.normal(0.0, noise_sigma, signal.shape).astype(np.float32)
-    imag = rng.normal(0.0, noise_sigma, signal.shape).astype(np.float32)
+    real = signal + noise_sigma * rng.standard_normal(signal.shape, dtype=np.float32)
+    imag = noise_sigma * rng.standard_normal(signal.shape, dtype=np.float32)
     return np.hypot(real, imag)
 
 

@@ -1,0 +1,505 @@
+"""``c2f-med audit``: explain and score every case of a datalist, resumably, in one or many processes.
+
+Per case (:func:`audit_case`):
+
+1. :func:`c2f_med.case.explain_case` writes ``OUT/cases/<case>/`` atomically: saliency, overlay,
+   predictions, scores and ``provenance.json`` (explainer parameters, per-slice records such as
+   C2F's K and POS / NEG / BND counts, input hashes, versions, timings);
+2. with a lesion mask, :func:`c2f_med.evaluate.evaluate_case` scores the lesion slices exactly as
+   ``c2f-med evaluate`` does: localisation, {background, lesion} IoU counts, deletion / insertion
+   AUC on the model's input grid, cost per slice. It explains the lesion slices a second time
+   (``explain_case`` keeps no model-grid maps), so a case costs ``1 + lesion fraction``
+   explanations of the scan plus ``2 x 21`` forward passes per lesion slice;
+3. one JSON line is appended to the process's ledger ``OUT/ledger/rank<r>.jsonl`` and fsync'd:
+   ``status`` done or failed, the error, seed, timings, input hashes, the per-slice and classifier
+   rows.
+
+A failing case (corrupt scan, missing file, mask off the scan's grid, ...) is recorded with its
+error (the :class:`~c2f_med.errors.InputError` line when there is one, else ``Type: message``)
+and the cohort goes on.
+
+Resuming: a case is *done* when a ledger line says so AND its folder exists. A rerun into the same
+``OUT`` skips the done cases and retries the others: failed ones, and the one a killed run was
+writing (its hidden ``.<case>.*.tmp`` folder is removed; a folder without a ledger line is redone).
+``OUT/audit.json`` pins the bundle's sha256, the method, its parameters and the datalist section;
+a rerun with other ones is refused. Two audits must not write into one ``OUT`` at the same time.
+
+Processes: under ``torchrun --nproc_per_node K`` (env ``WORLD_SIZE`` / ``RANK``) the process group
+is initialised (gloo on CPU; NCCL on CUDA, one GPU per ``LOCAL_RANK``). Rank 0 checks the output
+folder and lists the cases still to do; rank ``r`` takes cases ``r, r + K, r + 2K, ...`` of that
+list (disjoint shares); when every rank is through, rank 0 merges the ledgers. Across machines,
+``OUT`` must be a folder every machine sees (a shared file system).
+
+Outputs (written by rank 0, each atomically)::
+
+    OUT/cases/<case>/         explain_case's folder (see c2f_med.case)
+    OUT/ledger/rank<r>.jsonl  one line per finished or failed case, append-only
+    OUT/audit.json            what this audit is of: bundle sha256, method, parameters, section
+    OUT/per_case.csv          one row per case: case, error (empty on success), method, means over
+                              the case's lesion slices, the case's classifier scores, cost, the
+                              explainer's records (means over explained slices), rank, seed
+    OUT/per_slice.csv         one row per lesion slice, the columns of c2f-med evaluate
+    OUT/summary.json / .md    c2f_med.summary (the contract's keys) + section, case counts and the
+                              faithfulness settings
+    OUT/provenance.json       bundle sha256 and config, datalist hash, method and parameters,
+                              versions, seeds, per-case input hashes, ranks and timings
+    OUT/report.html           c2f_med.report: one self-contained HTML file
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.utils import set_determinism
+from tqdm.auto import tqdm
+
+from c2f_med.atomic import atomic_path, write_json
+from c2f_med.case import explain_case
+from c2f_med.errors import InputError, find_input_error
+from c2f_med.evaluate import CASE_CLASSIFIER_KEYS, CASE_KEYS, FAITHFULNESS, PER_SLICE_HEAD, evaluate_case
+from c2f_med.explain import create
+from c2f_med.io.manifest import read_datalist
+from c2f_med.models.bundle import Bundle, load_bundle
+from c2f_med.provenance import input_hash, provenance
+from c2f_med.report import write_report
+from c2f_med.summary import aggregate, classifier_scores, summarise, write_summary
+
+__all__ = ["SEED", "case_seed", "check_output", "Ledger", "read_ledger", "done_cases", "audit_case", "run_audit"]
+
+logger = logging.getLogger(__name__)
+
+CASES, LEDGER, IDENTITY = "cases", "ledger", "audit.json"
+#: the audit's base seed; a case runs with :func:`case_seed` of its id, whichever rank takes it
+SEED = 0
+#: how long ranks wait for each other at the end (one may finish its share long before another)
+GROUP_TIMEOUT = datetime.timedelta(hours=24)
+#: per-case columns of per_case.csv before the explainer's record means
+CASE_HEAD = ("case", "error", "method", *CASE_KEYS, *CASE_CLASSIFIER_KEYS, "explained_slices",
+             "explain_forward_passes", "explain_backward_passes", "case_seconds", "rank", "seed")
+
+
+def case_seed(case: str, base: int = SEED) -> int:
+    """The seed of ``case``: CRC-32 of ``"<base>:<case>"`` (in ``[0, 2**32)``), so it does not depend on
+    the order of the cases or on the rank that takes it."""
+    return zlib.crc32(f"{base}:{case}".encode())
+
+
+def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Create ``out`` and prove it writable, before any work.
+
+    A probe file is created in it and removed (permission bits alone do not tell: root ignores
+    them, a read-only mount does not). ``out`` may not be, or lie inside, one of ``inputs``.
+
+    Raises:
+        InputError: naming ``out`` and the reason.
+    """
+    given, out = Path(out), Path(out).resolve()
+    for path in inputs:
+        src = Path(path).resolve()
+        if out == src or src in out.parents:
+            raise InputError(given, f"output folder lies inside the input {src}; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise InputError(given, f"output folder cannot be written ({err.strerror or err})") from err
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.generic, torch.Tensor)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class Ledger:
+    """One rank's append-only JSON-lines file of finished and failed cases.
+
+    Each :meth:`append` writes one line and fsyncs it before returning, so a line on disk means
+    its case is finished. A line cut short by a kill is left on its own line (a newline is added
+    before the next record) and ignored by :func:`read_ledger`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        line = (json.dumps(record, default=_json_default) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as fh:
+            if fh.seek(0, os.SEEK_END):
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    line = b"\n" + line
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def read_ledger(out: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete record of every rank's ledger under ``out`` (ranks in name order, lines in order)."""
+    records = []
+    for path in sorted((Path(out) / LEDGER).glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if isinstance(record, dict) and "case" in record and "status" in record:
+                    records.append(record)
+    return records
+
+
+def done_cases(out: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{case: record}`` of the cases that are done: a "done" ledger line and the case folder.
+
+    Of several lines of one case the latest wins (``finished`` time).
+    """
+    out = Path(out)
+    done: dict[str, dict[str, Any]] = {}
+    for r in read_ledger(out):
+        if r["status"] == "done" and (out / CASES / r["case"]).is_dir():
+            if r["case"] not in done or r["finished"] >= done[r["case"]]["finished"]:
+                done[r["case"]] = r
+    return done
+
+
+def _final_records(out: Path, cases: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One record per case of ``cases``: the done one, else the latest failure, else "not run"."""
+    done = done_cases(out)
+    failed: dict[str, dict[str, Any]] = {}
+    for r in read_ledger(out):
+        if r["status"] == "failed" and (r["case"] not in failed or r["finished"] >= failed[r["case"]]["finished"]):
+            failed[r["case"]] = r
+    return {c: done.get(c) or failed.get(c) or {"case": c, "status": "failed", "error": "not run"} for c in cases}
+
+
+def _input_hashes(item: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"image": {"path", "sha256"}, "mask": ... or None}`` as in a case's provenance; sha256 None
+    for a file that cannot be read."""
+    out: dict[str, Any] = {}
+    for key, name in (("image", "image"), ("label", "mask")):
+        out[name] = None
+        if key in item:
+            try:
+                out[name] = {"path": str(item[key]), "sha256": input_hash(item[key])}
+            except OSError:
+                out[name] = {"path": str(item[key]), "sha256": None}
+    return out
+
+
+def _record_means(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """``{"record_<field>": mean}`` of the explainer's numeric per-slice record fields over the explained
+    slices (C2F: K, pos1, neg1, bnd1, ..., forward_passes)."""
+    keys = dict.fromkeys(k for r in records for k, v in r.items()
+                         if k != "index" and isinstance(v, (int, float)) and not isinstance(v, bool))
+    return {f"record_{k}": float(np.mean([r[k] for r in records if isinstance(r.get(k), (int, float))]))
+            for k in keys}
+
+
+def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.PathLike, method: str,
+               params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Explain, score and record one datalist item (``{"image", "label" (optional), "case_id"}``).
+
+    Never raises for a bad case: the returned ledger record has ``status`` "failed" and the
+    ``error``. A done record holds ``rows`` (per-slice score rows, :mod:`c2f_med.summary`; empty
+    without a mask), ``classifier`` rows, ``explain`` (``explain_case``'s counts), ``records``
+    (:func:`_record_means`), ``inputs`` (paths and sha256), ``seed`` and ``seconds``.
+    """
+    case = item["case_id"]
+    seed = case_seed(case)
+    record: dict[str, Any] = {"case": case, "method": method, "seed": seed,
+                              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    start = time.perf_counter()
+    try:
+        set_determinism(seed)
+        result = explain_case(bundle, item["image"], cases_dir, mask=item.get("label"), method=method, params=params,
+                              case_id=case, progress=False)
+        scored = None
+        if "label" in item:
+            set_determinism(seed)
+            scored = evaluate_case(bundle, item, 0, [method], {method: dict(params or {})})
+        record.update(
+            status="done", error="",
+            explain={"explained_slices": result.explained_slices, "explain_forward_passes": result.forward_passes,
+                     "explain_backward_passes": result.backward_passes, "explain_seconds": result.seconds},
+            records=_record_means(result.records),
+            rows=scored.rows if scored else [], classifier=scored.classifier if scored else [],
+            inputs=json.loads((result.folder / "provenance.json").read_text())["inputs"])
+    except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the cohort goes on
+        err = find_input_error(exc)
+        record.update(status="failed", error=str(err) if err else f"{type(exc).__name__}: {exc}",
+                      inputs=_input_hashes(item))
+        logger.warning("case %s failed: %s", case, record["error"])
+    record["seconds"] = time.perf_counter() - start
+    record["finished"] = time.time()
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+@contextlib.contextmanager
+def _process_group(device: str) -> Iterator[tuple[int, int, str]]:
+    """``(rank, world_size, device)``; under torchrun, with the process group initialised (and
+    destroyed on exit when this opened it). On CUDA each rank takes the GPU of its ``LOCAL_RANK``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        yield 0, 1, device
+        return
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    opened = not dist.is_initialized()
+    if opened:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        if opened:
+            dist.destroy_process_group()
+
+
+def _from_rank0(obj: Any, world: int) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    """Every rank's ``obj``, in rank order (also waits for every rank to get here)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _visible(path: Path, wait: float = 60.0) -> bool:
+    """Whether ``path`` exists, polling up to ``wait`` seconds (a network file system may show
+    another machine's new file late)."""
+    deadline = time.monotonic() + wait
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
+
+
+@dataclass
+class _Plan:
+    """Rank 0's view before the work: the section's items, those still to do, the parameters."""
+
+    items: list[dict[str, Any]]
+    pending: list[dict[str, Any]]
+    params: dict[str, Any]
+    skipped: int
+
+
+def _identity(bundle: Bundle, method: str, params: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """What ``OUT/audit.json`` pins, as it reads back from JSON."""
+    identity = {"bundle_sha256": bundle.sha256, "method": method, "params": dict(params), "section": section}
+    return json.loads(json.dumps(identity, default=_json_default))
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove what a killed run left half-written: hidden temporary case folders and files."""
+    for tmp in (out / CASES).glob(".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in out.glob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+def _plan(bundle_dir: str | os.PathLike, datalist: str | os.PathLike, out: Path, method: str,
+          params: Mapping[str, Any] | None, section: str, device: str) -> tuple[_Plan, Bundle]:
+    """Checks in order of cost (datalist, output folder, bundle, method, identity of ``out``), then
+    the cases still to do. Raises :class:`InputError` before any case runs."""
+    items = read_datalist(datalist, section, check_files=False)  # a missing file fails its case only
+    if not items:
+        raise InputError(datalist, f'the "{section}" list is empty')
+    check_output(out, [datalist, *(item[k] for item in items for k in ("image", "label") if k in item)])
+    bundle = load_bundle(bundle_dir, device)
+    try:
+        used = create(method, bundle.model, **(params or {})).param_dict()
+    except (ValueError, TypeError) as err:
+        raise InputError(None, f"--method/--param: {err}") from err
+    identity, pinned = _identity(bundle, method, used, section), out / IDENTITY
+    if pinned.exists():
+        previous = json.loads(pinned.read_text())
+        if previous != identity:
+            changed = ", ".join(k for k in identity if previous.get(k) != identity[k])
+            raise InputError(out, f"holds an audit with another {changed}; choose another --out to start afresh")
+    else:
+        write_json(pinned, identity)
+    _remove_stale(out)
+    done = done_cases(out)
+    pending = [item for item in items if item["case_id"] not in done]
+    return _Plan(items, pending, used, len(items) - len(pending)), bundle
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _cell(r.get(k)) for k in columns})
+
+
+def _case_row(record: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """The per_case.csv row of a final ledger record."""
+    row = {"case": record["case"], "error": record.get("error", ""), "method": method,
+           "case_seconds": record.get("seconds"), "rank": record.get("rank"), "seed": record.get("seed")}
+    if record["status"] == "done":
+        means, clf = aggregate(record["rows"]), classifier_scores(record["classifier"])
+        row.update({k: means[k] for k in CASE_KEYS}, **record["explain"], **record["records"],
+                   case_slices=clf["slices"], case_lesion_slices=clf["lesion_slices"],
+                   case_slice_auroc=clf["slice_auroc"], case_slice_accuracy=clf["slice_accuracy"])
+    return row
+
+
+def _merge(out: Path, plan: _Plan, bundle: Bundle, datalist: str | os.PathLike, method: str, section: str,
+           ranks: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Rank 0, after every rank: per_case.csv, per_slice.csv, summary, provenance and report."""
+    cases = [item["case_id"] for item in plan.items]
+    final = _final_records(out, cases)
+    records = [final[c] for c in cases]
+    done = [r for r in records if r["status"] == "done"]
+    rows = [row for r in done for row in r["rows"]]
+    classifier = [row for r in done for row in r["classifier"]]
+
+    summary = summarise(rows, classifier, bundle, datalist, len(done), methods=[method])
+    summary["section"] = section
+    summary["audit"] = {"cases": len(cases), "done": len(done), "failed": len(cases) - len(done)}
+    summary["faithfulness"] = {**FAITHFULNESS, "grid": "model input", "target": "lesion class"}
+
+    case_rows = [_case_row(r, method) for r in records]
+    extra = list(dict.fromkeys(k for row in case_rows for k in row if k not in CASE_HEAD))
+    _write_csv(out / "per_case.csv", case_rows, [*CASE_HEAD, *extra])
+    slice_extra = list(dict.fromkeys(k for row in rows for k in row if k not in PER_SLICE_HEAD))
+    _write_csv(out / "per_slice.csv", rows, [*PER_SLICE_HEAD, *slice_extra])
+    write_summary(out, summary)
+    write_json(out / "provenance.json", provenance(
+        bundle, inputs={"datalist": datalist}, method=method, params=plan.params,
+        extra={"section": section, "audit_seed": SEED, "faithfulness": summary["faithfulness"],
+               "world_size": len(ranks), "ranks": ranks, "seconds": seconds,
+               "cases_skipped_as_done": plan.skipped, "counts": summary["audit"],
+               "cases": {r["case"]: {k: r.get(k) for k in ("status", "error", "seed", "rank", "host", "seconds",
+                                                          "inputs", "explain", "records")} for r in records}}))
+    overlays = {r["case"]: out / CASES / r["case"] / "overlay.png" for r in done
+                if (out / CASES / r["case"] / "overlay.png").is_file()}
+    write_report(out / "report.html", summary, case_rows,
+                 probabilities=[c["probability"] for c in classifier], labels=[c["lesion"] for c in classifier],
+                 overlays=overlays, title=f"c2f-med audit: {method} on {Path(datalist).name} ({section})")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def run_audit(
+    bundle_dir: str | os.PathLike,
+    datalist: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = "c2f",
+    params: Mapping[str, Any] | None = None,
+    section: str = "testing",
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Audit every case of ``datalist[section]`` into ``out`` (module docstring); resumable.
+
+    Under torchrun every rank calls this with the same arguments; each takes its share of the cases
+    and rank 0 merges.
+
+    Args:
+        bundle_dir: the MONAI bundle folder.
+        datalist: datalist JSON; items need "image", "label" (lesion mask) adds the scores.
+        out: output folder (created; must be writable: checked before any work).
+        method, params: explainer name and parameter overrides.
+        section: datalist section.
+        device: torch device ("cuda" under torchrun: each rank takes ``cuda:<LOCAL_RANK>``).
+        progress: show a progress bar over rank 0's cases.
+
+    Returns:
+        On rank 0 the ``summary.json`` dict; ``None`` on the other ranks.
+
+    Raises:
+        InputError: the output folder cannot be written or lies inside an input, bad datalist or
+            section, bad bundle, unknown method or parameter, or ``out`` holds an audit of another
+            bundle / method / parameters / section. Raised on every rank, before any case runs.
+    """
+    out = Path(out)
+    start = time.perf_counter()
+    with _process_group(device) as (rank, world, device):
+        # rank 0 checks and plans; the others get the plan, or the reason there is none
+        plan: _Plan | tuple[str, str | None, str] | None = None
+        bundle = None
+        if rank == 0:
+            try:
+                plan, bundle = _plan(bundle_dir, datalist, out, method, params, section, device)
+            except InputError as err:
+                plan = ("input", err.path, err.problem)
+            except Exception as err:
+                _from_rank0(("crash", None, f"{type(err).__name__}: {err}"), world)
+                raise
+        plan = _from_rank0(plan, world)
+        if isinstance(plan, tuple):
+            kind, path, problem = plan
+            raise InputError(path, problem) if kind == "input" else RuntimeError(f"rank 0 failed: {problem}")
+        blind = [r for r, seen in enumerate(_gather(_visible(out / IDENTITY), world)) if not seen]
+        if blind:
+            raise InputError(out, f"not visible from rank(s) {blind}: across machines --out must be a shared folder")
+        if bundle is None:
+            bundle = load_bundle(bundle_dir, device)
+
+        share = plan.pending[rank::world]
+        ledger = Ledger(out / LEDGER / f"rank{rank:03d}.jsonl")
+        host, loop_start, failed = socket.gethostname(), time.perf_counter(), 0
+        desc = f"audit {method}" + (f" (rank 0 of {world})" if world > 1 else "")
+        for item in tqdm(share, desc=desc, unit="case", disable=not progress or rank != 0):
+            record = audit_case(bundle, item, out / CASES, method, params)
+            record.update(rank=rank, host=host)
+            ledger.append(record)
+            failed += record["status"] == "failed"
+        ranks = _gather({"rank": rank, "host": host, "device": str(device), "cases": len(share), "failed": failed,
+                         "seconds": time.perf_counter() - loop_start, "torch_threads": torch.get_num_threads()},
+                        world)
+        if rank != 0:
+            return None
+        summary = _merge(out, plan, bundle, datalist, method, section, ranks, time.perf_counter() - start)
+    counts = summary["audit"]
+    logger.info("audit: %d of %d cases done, %d failed (see %s)", counts["done"], counts["cases"], counts["failed"],
+                out / "per_case.csv")
+    return summary

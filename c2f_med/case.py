@@ -1,0 +1,187 @@
+"""One scan through the whole pipeline: load, classify and explain slice by slice, score, export.
+
+``c2f-med explain``, the cohort audit and the bundle's handlers all call :func:`explain_case`, so a
+case folder looks the same whichever way it was made::
+
+    OUT/<case>/saliency.nii.gz   float32 saliency on the input file's own grid and affine
+    OUT/<case>/overlay.png       montage: scan, lesion contour, saliency heat map, colour bar
+    OUT/<case>/predictions.csv   slice, probability, explained
+    OUT/<case>/scores.json       localisation scores vs the lesion mask (only with a mask)
+    OUT/<case>/provenance.json   bundle hash, method and parameters, inputs' hashes, versions, timings
+    OUT/<case>/dicom/            for DICOM inputs: a Parametric Map of the saliency (optional)
+
+The folder is written to a temporary sibling and renamed when complete, so a killed run never
+leaves a half-written case folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from c2f_med.atomic import atomic_dir, write_json
+from c2f_med.explain import create, explain_volume
+from c2f_med.explain.volume import VolumeExplanation
+from c2f_med.io.manifest import case_id as case_id_of
+from c2f_med.io.transforms import load_case_transforms, to_original_grid
+from c2f_med.metrics.localisation import localisation_scores
+from c2f_med.models.bundle import Bundle
+from c2f_med.provenance import provenance
+
+__all__ = ["CaseResult", "load_scan", "score_volume", "tolerance_voxels", "explain_case"]
+
+
+@dataclass
+class CaseResult:
+    """What :func:`explain_case` did for one scan."""
+
+    case_id: str
+    folder: Path
+    lesion_slices: int
+    scores: dict[str, Any] | None
+    seconds: float
+    forward_passes: int
+    backward_passes: int
+    explained_slices: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_scan(image: str | Path, mask: str | Path | None, preset: str = "auto",
+              series_uid: str | None = None) -> dict[str, Any]:
+    """``{"image": 1 x X x Y x Z in [0, 1] (RAS), "label": 1 x X x Y x Z uint8 or absent}``.
+
+    Raises :class:`~c2f_med.errors.InputError` (possibly wrapped by MONAI's ``Compose``; see
+    :func:`c2f_med.errors.find_input_error`) for bad files or a mask off the scan's grid.
+    """
+    data = {"image": str(image)}
+    if mask is not None:
+        data["label"] = str(mask)
+    return load_case_transforms(keys=("image", "label"), preset=preset, series_uid=series_uid)(data)
+
+
+def score_volume(saliency: np.ndarray, mask: np.ndarray, axis: int, tolerance: float) -> dict[str, Any]:
+    """Localisation scores of a saliency volume against a lesion mask (both ``X x Y x Z``).
+
+    Returns ``{"volume": 3D scores, "slices": mean 2D scores over lesion slices, "lesion_slices": n,
+    "per_slice": [{"slice": i, **2D scores}, ...]}``; NaN ("not applicable") where the mask is empty.
+    ``tolerance`` is the pointing game's, in voxels.
+    """
+    per_slice = [{"slice": i, **localisation_scores(np.take(saliency, i, axis), np.take(mask, i, axis), tolerance)}
+                 for i in range(mask.shape[axis]) if np.take(mask, i, axis).any()]
+    volume = localisation_scores(saliency, mask, tolerance)
+    mean = {k: float(np.nanmean([s[k] for s in per_slice])) if per_slice else math.nan for k in volume}
+    return {"volume": volume, "slices": mean, "lesion_slices": len(per_slice), "per_slice": per_slice}
+
+
+def tolerance_voxels(model, slice_shape: tuple[int, int]) -> float:
+    """The pointing game's tolerance ``p / 2`` model pixels, in voxels of a ``slice_shape`` slice."""
+    return model.patch_size / 2 * max(slice_shape) / model.input_size[0]
+
+
+def _write_predictions(path: Path, result: VolumeExplanation) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slice", "probability", "explained"])
+        for p in result.predictions:
+            w.writerow([p.index, "" if math.isnan(p.probability) else f"{p.probability:.6f}", int(p.explained)])
+
+
+def explain_case(
+    bundle: Bundle,
+    image: str | Path,
+    out_root: str | Path,
+    *,
+    mask: str | Path | None = None,
+    method: str = "c2f",
+    params: dict[str, Any] | None = None,
+    axis: int = 2,
+    min_probability: float | None = None,
+    normalise: str = "slice",
+    series_uid: str | None = None,
+    slice_batch: int = 16,
+    case_id: str | None = None,
+    dicom_export: bool = True,
+    deidentify: bool = False,
+    progress: bool = True,
+) -> CaseResult:
+    """Explain one scan with ``method`` and write ``out_root/<case>/`` (see the module docstring).
+
+    Args:
+        bundle: the loaded bundle (model, preset, lesion class).
+        image: NIfTI / MHA / NRRD file, a DICOM series folder or a single DICOM file.
+        mask: optional lesion mask on the scan's grid; adds ``scores.json``.
+        method, params: explainer name and parameter overrides.
+        axis: slicing axis after RAS orientation (2 = axial).
+        min_probability: explain only slices whose lesion probability reaches it (others get 0).
+        normalise: "slice" or "volume" (see :func:`~c2f_med.explain.volume.explain_volume`).
+        series_uid: which series of a folder holding several.
+        case_id: output folder name (default: from the input's file or folder name).
+        dicom_export: for DICOM inputs, also write a Parametric Map series into ``dicom/``.
+        deidentify: strip patient identifiers from DICOM outputs.
+    """
+    from c2f_med.export.nifti import save_on_original_grid
+    from c2f_med.export.overlays import overlay_montage
+
+    start = time.perf_counter()
+    case = case_id or case_id_of(image)
+    data = load_scan(image, mask, bundle.preset, series_uid)
+    scan = data["image"]
+    explainer = create(method, bundle.model, **(params or {}))
+    result = explain_volume(scan, explainer, axis=axis, target=bundle.lesion_class, slice_batch=slice_batch,
+                            min_probability=min_probability, normalise=normalise, progress=progress)
+    saliency = result.saliency[0].numpy()  # X x Y x Z on the loaded (RAS) grid
+    label = data["label"][0].numpy().astype(bool) if "label" in data else None
+
+    scores = None
+    if label is not None:
+        in_plane = tuple(s for i, s in enumerate(saliency.shape) if i != axis)
+        tolerance = tolerance_voxels(bundle.model, in_plane)
+        scores = score_volume(saliency, label, axis, tolerance)
+        scores["tolerance_voxels"] = tolerance
+    seconds = time.perf_counter() - start
+
+    with atomic_dir(Path(out_root) / case) as tmp:
+        save_on_original_grid(result.saliency, scan, tmp / "saliency.nii.gz")
+        overlay_montage(scan[0].numpy(), saliency, label, axis=axis, path=tmp / "overlay.png",
+                        title=f"{case}: {method}")
+        _write_predictions(tmp / "predictions.csv", result)
+        if scores is not None:
+            write_json(tmp / "scores.json", scores)
+        if dicom_export and _is_dicom(image):
+            _export_dicom(result.saliency, scan, image, tmp / "dicom", series_uid, deidentify)
+        write_json(tmp / "provenance.json", provenance(
+            bundle, inputs={"image": image, "mask": mask}, method=method, params=explainer.param_dict(),
+            extra={"axis": axis, "min_probability": min_probability, "normalise": normalise,
+                   "seconds": seconds, "forward_passes": result.forward_passes,
+                   "backward_passes": result.backward_passes, "records": result.records}))
+    return CaseResult(
+        case_id=case, folder=Path(out_root) / case,
+        lesion_slices=0 if scores is None else scores["lesion_slices"], scores=scores, seconds=seconds,
+        forward_passes=result.forward_passes, backward_passes=result.backward_passes,
+        explained_slices=sum(p.explained for p in result.predictions), records=result.records)
+
+
+def _export_dicom(saliency, scan, image, folder: Path, series_uid: str | None, deidentify: bool) -> None:
+    """Parametric Map of the saliency for a DICOM input; a source that cannot carry one (no frame of
+    reference, say) costs the DICOM export only, with a warning, never the case's other outputs."""
+    from c2f_med.errors import InputError
+    from c2f_med.export.dicom import save_parametric_map
+
+    try:
+        save_parametric_map(to_original_grid(saliency, scan), image, folder, series_uid=series_uid,
+                            deidentify=deidentify)
+    except InputError as err:
+        logging.getLogger(__name__).warning("no DICOM export: %s", err)
+
+
+def _is_dicom(path: str | Path) -> bool:
+    from c2f_med.io.readers import scan_kind
+
+    return scan_kind(path) in ("dicom_series", "dicom_file")

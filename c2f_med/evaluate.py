@@ -1,0 +1,493 @@
+"""``c2f-med evaluate``: score explanation methods against lesion masks over a datalist.
+
+Protocol, for every case of a datalist section (the first ``limit`` cases):
+
+* The scan and its lesion mask are loaded as ``c2f-med explain`` loads them
+  (:func:`c2f_med.case.load_scan`) and cut into axial slices (axis 2 after RAS orientation).
+* Classifier: the lesion-class probability of every non-background slice; a slice's label is
+  "its mask has lesion voxels". Dataset slice AUROC and accuracy (threshold 0.5).
+* Explanations: every method explains the SAME slices, those whose mask has lesion voxels
+  (:func:`~c2f_med.explain.volume.explain_volume` with ``slices``), and the map it returns on the
+  slice's own grid is scored against the mask (:func:`~c2f_med.metrics.localisation.localisation_scores`;
+  pointing-game tolerance :func:`~c2f_med.case.tolerance_voxels`, i.e. ``p / 2`` model pixels), with
+  the slice's {background, lesion} IoU counts at the mean threshold for the dataset mIoU.
+* Faithfulness, on the model's input grid (the normalised ``size x size`` slice and the
+  explainer's own map on it), ``p_c`` of the lesion class: deletion AUC (pixels go to 0 in the
+  model's normalised input space, RISE's deletion baseline) and insertion AUC (pixels go from a
+  Gaussian blur of sigma 5 px to the image, RISE's insertion baseline), 20 steps
+  (:mod:`c2f_med.metrics.faithfulness`); see :data:`FAITHFULNESS`.
+* Cost per slice: the explainer's wall time for its batch divided by the batch's slices
+  (classification, mapping back and scoring excluded; every method first explains one random
+  slice, so one-off set-up stays out), its forward passes (the explainer's per-slice count when
+  it records one, else the batch's count / slices) and backward passes.
+
+Outputs, each written atomically::
+
+    OUT/per_slice.csv   case, slice, method, probability, scores, seconds, forward/backward passes,
+                        IoU counts, and the explainer's record (C2F: K, pos1, neg1, ...); one row per
+                        (case, lesion slice, method); NaN (not applicable) written as an empty cell
+    OUT/per_case.csv    case, method, mean scores over the case's lesion slices, the case's classifier
+                        numbers (a case without lesion slices gets its rows with empty scores)
+    OUT/summary.json    the contract's keys (:func:`c2f_med.summary.summarise`), NaN as null, plus
+                        the faithfulness settings and the provenance
+    OUT/summary.md      table, one row per method, best per column in bold, paired bootstrap CIs
+    OUT/gallery.png     best and worst lesion slices (by AP of c2f, else of the first method), every
+                        method side by side
+    OUT/curves.png      mean deletion and insertion curves per method
+
+``workers > 1`` spreads the cases over spawned processes (one torch thread each); results are
+merged in datalist order, so they equal a single process's (timings aside).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from c2f_med.atomic import atomic_path
+from c2f_med.case import load_scan, tolerance_voxels
+from c2f_med.errors import InputError, find_input_error
+from c2f_med.explain import Explainer, Explanation, create, explain_volume
+from c2f_med.export.overlays import CONTOUR_COLOUR, display_slice, heat_colormap
+from c2f_med.io.manifest import read_datalist
+from c2f_med.metrics.faithfulness import auc, perturbation_curve
+from c2f_med.metrics.localisation import localisation_scores, threshold_mean
+from c2f_med.models.bundle import Bundle, load_bundle
+from c2f_med.provenance import provenance
+from c2f_med.slices import normalise_input, to_model_grid, volume_slices
+from c2f_med.summary import (
+    COST_KEYS,
+    IOU_COUNT_KEYS,
+    REFERENCE_METHOD,
+    SCORE_KEYS,
+    aggregate,
+    classifier_scores,
+    iou_counts,
+    summarise,
+    write_summary,
+)
+
+__all__ = ["AXIS", "FAITHFULNESS", "CaseOutput", "GalleryItem", "Metered", "check_methods", "evaluate_case", "warm_up",
+           "run_evaluate"]
+
+logger = logging.getLogger(__name__)
+
+#: slicing axis (axial after RAS orientation)
+AXIS = 2
+#: slices classified and explained per batch
+SLICE_BATCH = 16
+#: faithfulness curves: RISE's baselines in the model's normalised input space
+FAITHFULNESS = {"steps": 20, "deletion_baseline": "zero", "insertion_baseline": "blur", "blur_sigma": 5.0}
+#: gallery rows: this many best and this many worst slices
+GALLERY_ROWS = 2
+
+
+class Metered(Explainer):
+    """Delegates to ``inner`` and adds each slice's cost to its record.
+
+    ``seconds``: the batch's wall time / its slices; ``forward_passes``: the inner explainer's
+    per-slice count when its record has one, else the batch's count / its slices;
+    ``backward_passes``: the batch's count / its slices.
+    """
+
+    def __init__(self, inner: Explainer):
+        super().__init__(inner.model)
+        self.inner, self.name, self.params = inner, inner.name, inner.params
+
+    def param_dict(self) -> dict[str, Any]:
+        return self.inner.param_dict()
+
+    def _explain(self, x: torch.Tensor, target: torch.Tensor | int | None) -> Explanation:
+        start = time.perf_counter()
+        expl = self.inner.explain(x, target)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        b = x.shape[0]
+        seconds = (time.perf_counter() - start) / b
+        expl.records = [{**r, "seconds": seconds, "forward_passes": r.get("forward_passes", expl.forward_passes / b),
+                         "backward_passes": expl.backward_passes / b} for r in expl.records]
+        return expl
+
+
+@dataclass
+class GalleryItem:
+    """One lesion slice with every method's map, for ``gallery.png``.
+
+    Attributes:
+        case_index: the case's position in the evaluated datalist section (shown instead of its id).
+        slice: slice index along :data:`AXIS`.
+        image: the scan slice in [0, 1]; mask: the bool lesion mask; maps: ``{method: saliency}``;
+            all three oriented for display (radiological view, :func:`c2f_med.export.overlays.display_slice`).
+        ap: ``{method: AP on this slice}``.
+    """
+
+    case_index: int
+    slice: int
+    image: np.ndarray
+    mask: np.ndarray
+    maps: dict[str, np.ndarray]
+    ap: dict[str, float]
+
+
+@dataclass
+class CaseOutput:
+    """Everything one case contributes (picklable, so worker processes can return it).
+
+    Attributes:
+        index, case: position in the datalist section and case id.
+        rows: per-slice rows (:mod:`c2f_med.summary`), methods in request order, slices ascending.
+        classifier: classifier rows of the case's non-background slices.
+        curves: ``{method: {"fractions": steps + 1 fractions of changed pixels, "deletion": [steps + 1
+            probabilities per slice], "insertion": [...]}}``.
+        gallery: the case's best and worst slices (candidates for the dataset's gallery).
+    """
+
+    index: int
+    case: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    classifier: list[dict[str, Any]] = field(default_factory=list)
+    curves: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)
+    gallery: list[GalleryItem] = field(default_factory=list)
+
+
+def _ranking_method(methods: Sequence[str]) -> str:
+    """The method whose AP picks the gallery's best and worst slices."""
+    return REFERENCE_METHOD if REFERENCE_METHOD in methods else methods[0]
+
+
+def evaluate_case(
+    bundle: Bundle,
+    item: Mapping[str, Any],
+    index: int,
+    methods: Sequence[str],
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    on_method: Callable[[str], None] | None = None,
+) -> CaseOutput:
+    """Classify, explain and score one datalist item (``{"image", "label", "case_id"}``) with every method.
+
+    ``on_method(name)`` is called after each method (progress bars).
+    """
+    params = params or {}
+    case = item["case_id"]
+    data = load_scan(item["image"], item["label"], bundle.preset)
+    scan = data["image"]  # 1 x X x Y x Z in [0, 1]
+    label = data["label"][0].numpy() > 0  # X x Y x Z
+    volume = scan.as_tensor()[0]  # X x Y x Z
+    masks = np.moveaxis(label, AXIS, 0)  # n x h x w
+    has_lesion = masks.reshape(masks.shape[0], -1).any(1)
+    lesion = [int(i) for i in np.flatnonzero(has_lesion)]
+    model, target = bundle.model, bundle.lesion_class
+    device = next(model.parameters()).device
+    tolerance = tolerance_voxels(model, tuple(s for a, s in enumerate(label.shape) if a != AXIS))
+    inputs = {}  # slice -> 1 x size x size model-grid input
+    if lesion:
+        x, _ = to_model_grid(volume_slices(volume, AXIS, lesion).float(), model.input_size[0])
+        inputs = dict(zip(lesion, normalise_input(x).to(device)))
+
+    def predict(batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).softmax(1)[:, target]
+
+    out = CaseOutput(index=index, case=case)
+    lesion_maps: dict[str, dict[int, np.ndarray]] = {}
+    for method in methods:
+        explainer = Metered(create(method, model, **params.get(method, {})))
+        result = explain_volume(scan, explainer, axis=AXIS, target=target, slice_batch=SLICE_BATCH, progress=False,
+                                slices=lesion, keep_model_grid=True)
+        if method == methods[0]:  # the classifier's numbers do not depend on the method
+            out.classifier = [{"case": case, "slice": p.index, "probability": p.probability,
+                               "lesion": bool(has_lesion[p.index])}
+                              for p in result.predictions if not math.isnan(p.probability)]
+        probability = {p.index: p.probability for p in result.predictions}
+        volume_map = result.saliency[0].numpy()  # X x Y x Z
+        saliency = np.moveaxis(volume_map, AXIS, 0)  # n x h x w
+        curves = out.curves.setdefault(method, {"fractions": np.empty(0), "deletion": [], "insertion": []})
+        lesion_maps[method] = {}
+        for record in result.records:  # explained lesion slices, ascending
+            i = record["index"]
+            s, m = saliency[i], masks[i]
+            lesion_maps[method][i] = display_slice(volume_map, i, AXIS).copy()
+            faith = {}
+            for mode, baseline in (("deletion", FAITHFULNESS["deletion_baseline"]),
+                                   ("insertion", FAITHFULNESS["insertion_baseline"])):
+                fractions, probs = perturbation_curve(inputs[i], result.model_grid_maps[i].numpy(), predict, mode=mode,
+                                                      baseline=baseline, steps=FAITHFULNESS["steps"],
+                                                      blur_sigma=FAITHFULNESS["blur_sigma"])
+                curves[mode].append(probs)
+                curves["fractions"] = fractions
+                faith[f"{mode}_auc"] = auc(fractions, probs)
+            extra = {k: v for k, v in record.items() if k not in ("index", *COST_KEYS)}
+            out.rows.append({"case": case, "slice": i, "method": method, "probability": probability[i],
+                             **localisation_scores(s, m, tolerance), **faith,
+                             **{k: record[k] for k in COST_KEYS}, **iou_counts(threshold_mean(s), m), **extra})
+        if on_method is not None:
+            on_method(method)
+    out.gallery = _gallery_candidates(out.rows, index, volume.cpu().numpy(), label, lesion_maps, methods)
+    return out
+
+
+def _gallery_candidates(rows, index, image, label, lesion_maps, methods) -> list[GalleryItem]:
+    """The case's ``GALLERY_ROWS`` best and worst slices by the ranking method's AP (``image``, ``label``:
+    ``X x Y x Z``; ``lesion_maps``: ``{method: {slice: display-oriented map}}``)."""
+    ranking = _ranking_method(methods)
+    ranked = sorted((r for r in rows if r["method"] == ranking), key=lambda r: -r["ap"])
+    picked = list(dict.fromkeys(r["slice"] for r in ranked[:GALLERY_ROWS] + ranked[-GALLERY_ROWS:]))
+    ap = {(r["method"], r["slice"]): r["ap"] for r in rows}
+    return [GalleryItem(index, i, display_slice(image, i, AXIS).copy(), display_slice(label, i, AXIS).copy(),
+                        {m: lesion_maps[m][i] for m in methods}, {m: ap[(m, i)] for m in methods}) for i in picked]
+
+
+def warm_up(bundle: Bundle, methods: Sequence[str], params: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Explain one random (seeded) slice with every method, so one-off set-up costs (lazy
+    initialisation, allocator growth) stay out of the timings."""
+    model = bundle.model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((1, 1, *model.input_size), generator=g).to(next(model.parameters()).device)
+    for m in methods:
+        create(m, model, **(params or {}).get(m, {})).explain(x, bundle.lesion_class)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+_WORKER_BUNDLE: Bundle | None = None
+
+
+def _init_worker(bundle_dir: str, device: str, methods: list[str], params: dict) -> None:
+    global _WORKER_BUNDLE
+    torch.set_num_threads(1)
+    _WORKER_BUNDLE = load_bundle(bundle_dir, device)
+    warm_up(_WORKER_BUNDLE, methods, params)
+
+
+def _worker_case(item: dict, index: int, methods: list[str], params: dict) -> CaseOutput | tuple[str, str | None, str]:
+    """One case in a worker; an :class:`InputError` comes back as ``("input_error", path, problem)``
+    (its constructor's signature does not survive pickling)."""
+    try:
+        return evaluate_case(_WORKER_BUNDLE, item, index, methods, params)
+    except Exception as exc:
+        err = find_input_error(exc)
+        if err is None:
+            raise
+        return ("input_error", err.path, err.problem)
+
+
+def _run_cases(bundle: Bundle, bundle_dir: str | os.PathLike, device: str, items: list[dict], methods: list[str],
+               params: dict, workers: int, progress: bool) -> list[CaseOutput]:
+    bar = tqdm(total=len(items) * len(methods), desc="evaluate", unit="case x method", disable=not progress)
+    with bar:
+        if workers <= 1:
+            warm_up(bundle, methods, params)
+            return [evaluate_case(bundle, item, i, methods, params, on_method=lambda _m: bar.update(1))
+                    for i, item in enumerate(items)]
+        import multiprocessing
+
+        outputs: dict[int, CaseOutput] = {}
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(str(bundle_dir), device, methods, params)) as pool:
+            futures = {pool.submit(_worker_case, item, i, methods, params): i for i, item in enumerate(items)}
+            for future in as_completed(futures):
+                result = future.result()
+                if isinstance(result, tuple):
+                    for f in futures:
+                        f.cancel()
+                    raise InputError(result[1], result[2])
+                outputs[futures[future]] = result
+                bar.update(len(methods))
+        return [outputs[i] for i in range(len(items))]
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+PER_SLICE_HEAD = ("case", "slice", "method", "probability", *SCORE_KEYS, *COST_KEYS, *IOU_COUNT_KEYS)
+CASE_KEYS = ("slices", *SCORE_KEYS, "miou", "seconds_per_slice", "forward_passes_per_slice",
+             "backward_passes_per_slice")
+CASE_CLASSIFIER_KEYS = ("case_slices", "case_lesion_slices", "case_slice_auroc", "case_slice_accuracy")
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _cell(r.get(k)) for k in columns})
+
+
+def _per_case_rows(outputs: Sequence[CaseOutput], methods: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for o in outputs:
+        clf = classifier_scores(o.classifier)
+        case_clf = {"case_slices": clf["slices"], "case_lesion_slices": clf["lesion_slices"],
+                    "case_slice_auroc": clf["slice_auroc"], "case_slice_accuracy": clf["slice_accuracy"]}
+        for m in methods:
+            means = aggregate([r for r in o.rows if r["method"] == m])
+            rows.append({"case": o.case, "method": m, **{k: means[k] for k in CASE_KEYS}, **case_clf})
+    return rows
+
+
+def _plot_gallery(path: Path, outputs: Sequence[CaseOutput], methods: Sequence[str]) -> None:
+    """Best and worst slices (rows) x [scan, every method] (columns): scan, lesion contour, saliency
+    (the colours and orientation of ``c2f-med explain``'s overlays)."""
+    from matplotlib.figure import Figure
+
+    ranking = _ranking_method(methods)
+    items = sorted((g for o in outputs for g in o.gallery), key=lambda g: (-g.ap[ranking], g.case_index, g.slice))
+    best = items[:GALLERY_ROWS]
+    worst = [g for g in items[::-1][:GALLERY_ROWS] if all(g is not b for b in best)][::-1]
+    chosen = [("best", g) for g in best] + [("worst", g) for g in worst]
+    cols = 1 + len(methods)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * max(1, len(chosen))), layout="constrained")
+    if not chosen:
+        fig.text(0.5, 0.5, "no lesion slices", ha="center", va="center")
+    else:
+        axes = fig.subplots(len(chosen), cols, squeeze=False)
+        heat = heat_colormap()
+        for row, (kind, g) in zip(axes, chosen):
+            for col, ax in enumerate(row):
+                ax.imshow(g.image, cmap="gray", vmin=0, vmax=1)
+                if col:
+                    m = methods[col - 1]
+                    ax.imshow(g.maps[m], cmap=heat, vmin=0, vmax=1)
+                    ax.set_title(f"{m}: AP {g.ap[m]:.2f}", fontsize=8)
+                else:
+                    ax.set_title(f"{kind} ({ranking} AP {g.ap[ranking]:.2f})\ncase #{g.case_index}, z={g.slice}",
+                                 fontsize=8)
+                if g.mask.any():
+                    ax.contour(g.mask.astype(float), levels=[0.5], colors=CONTOUR_COLOUR, linewidths=0.8)
+                ax.set_axis_off()
+    fig.suptitle(f"best and worst lesion slices by {ranking} AP (case # = position in the datalist section; "
+                 "axial, radiological view)", fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
+def _plot_curves(path: Path, outputs: Sequence[CaseOutput], methods: Sequence[str]) -> None:
+    """Mean deletion and insertion curves (p_c against the fraction of changed pixels) per method."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, mode in zip(axes, ("deletion", "insertion")):
+        for m in methods:
+            curves = [c for o in outputs for c in o.curves.get(m, {}).get(mode, [])]
+            if curves:
+                fractions = next(o.curves[m]["fractions"] for o in outputs if o.curves[m][mode])
+                mean = np.mean(curves, axis=0)
+                ax.plot(fractions, mean, label=f"{m} (AUC {auc(fractions, mean):.3f})")
+        baseline = FAITHFULNESS[f"{mode}_baseline"]
+        ax.set(xlabel="fraction of pixels changed (most salient first)", ylabel="p(lesion)", ylim=(0, 1),
+               title=f"{mode} (baseline: {baseline}); {'lower' if mode == 'deletion' else 'higher'} is better")
+        ax.legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def check_methods(bundle: Bundle, methods: Sequence[str],
+                   params: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every method's parameters in use (for provenance); refuses unknown methods or parameters
+    before any work (one-line error)."""
+    if not methods:
+        raise InputError(None, "no methods given (--methods c2f,vitcx,...)")
+    unused = sorted(set(params) - set(methods))
+    if unused:
+        raise InputError(None, f"--param for method(s) {unused} not in --methods {','.join(methods)}")
+    used = {}
+    for m in methods:
+        try:
+            used[m] = create(m, bundle.model, **params.get(m, {})).param_dict()
+        except (ValueError, TypeError) as err:
+            raise InputError(None, f"--methods/--param: {err}") from err
+    return used
+
+
+def run_evaluate(
+    bundle_dir: str | os.PathLike,
+    datalist: str | os.PathLike,
+    methods: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    limit: int | None = None,
+    workers: int = 1,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    section: str = "testing",
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``methods`` on the lesion slices of a datalist section and write ``out/`` (module docstring).
+
+    Args:
+        bundle_dir: the MONAI bundle folder.
+        datalist: datalist JSON; every item of ``section`` needs a "label" (lesion mask).
+        methods: explainer names (:func:`c2f_med.explain.available`).
+        out: output folder (created).
+        limit: only the first ``limit`` cases.
+        workers: processes; ``> 1`` spawns them, one torch thread each.
+        params: ``{method: {parameter: value}}`` overrides.
+        section: datalist section.
+        device: torch device.
+        progress: show a progress bar over cases x methods.
+
+    Returns:
+        The summary dict written to ``summary.json``.
+
+    Raises:
+        InputError: bad datalist, missing label, unknown method or parameter, unreadable scan.
+    """
+    methods, params = list(dict.fromkeys(methods)), {m: dict(p) for m, p in (params or {}).items()}
+    if limit is not None and limit < 1:
+        raise InputError(datalist, f"--limit must be >= 1, got {limit}")
+    if workers < 1:
+        raise InputError(None, f"--workers must be >= 1, got {workers}")
+    items = read_datalist(datalist, section)[:limit]
+    if not items:
+        raise InputError(datalist, f'the "{section}" list is empty')
+    for i, item in enumerate(items):
+        if "label" not in item:
+            raise InputError(datalist, f'{section}[{i}] has no "label": evaluation needs lesion masks')
+    bundle = load_bundle(bundle_dir, device)
+    used_params = check_methods(bundle, methods, params)
+
+    start = time.perf_counter()
+    outputs = _run_cases(bundle, bundle_dir, device, items, methods, params, min(workers, len(items)), progress)
+    rows = [r for o in outputs for r in o.rows]
+    summary = summarise(rows, [c for o in outputs for c in o.classifier], bundle, datalist, len(items),
+                        methods=methods)
+    summary["section"] = section
+    summary["faithfulness"] = {**FAITHFULNESS, "grid": "model input", "target": "lesion class"}
+    summary["provenance"] = provenance(bundle, inputs={"datalist": datalist}, method=",".join(methods),
+                                       params=used_params,
+                                       extra={"workers": workers, "seconds": time.perf_counter() - start})
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    extras = list(dict.fromkeys(k for r in rows for k in r if k not in PER_SLICE_HEAD))
+    _write_csv(out / "per_slice.csv", rows, [*PER_SLICE_HEAD, *extras])
+    _write_csv(out / "per_case.csv", _per_case_rows(outputs, methods),
+               ["case", "method", *CASE_KEYS, *CASE_CLASSIFIER_KEYS])
+    write_summary(out, summary)
+    _plot_gallery(out / "gallery.png", outputs, methods)
+    _plot_curves(out / "curves.png", outputs, methods)
+    logger.info("%d cases, %d lesion slices, %d methods -> %s", summary["cases"], summary["lesion_slices"],
+                len(methods), out / "summary.md")
+    return summary

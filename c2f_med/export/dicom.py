@@ -1,0 +1,273 @@
+"""Saliency as a DICOM Parametric Map series that belongs to the source study.
+
+:func:`save_parametric_map` writes one multi-frame Parametric Map instance (highdicom) with one
+frame per source image: same Frame of Reference, ImagePositionPatient, ImageOrientationPatient,
+PixelSpacing, Rows and Columns as that image, and a per-frame reference to it (Derivation Image
+Sequence with its SOPInstanceUID; the Referenced Series Sequence names the source series). A
+viewer can thus overlay the map on the source series frame by frame.
+
+Pixel values: float32 (Float Pixel Data), the saliency itself, described by one Real World Value
+Mapping (label "saliency", slope 1, intercept 0, no units, range [0, 1], widened if a value falls
+outside) and a default window (centre 0.5, width 1). The series folder holds one file,
+:data:`PM_FILENAME`; the map gets new Series and SOP Instance UIDs and SeriesNumber 1000 + the
+source's.
+
+Mapping the array to frames. The saliency comes on the grid that c2f_med's DICOM reader gives the
+source (MONAI's ``PydicomReader`` convention: an ``X x Y x Z`` array indexed (column, row, slice)
+with a RAS affine). Rather than trusting that convention, each source image's pixel
+``(row r, column c)`` is placed in the world from the image's own DICOM geometry,
+``P + c * dc * u + r * dr * v`` (LPS; ``P`` ImagePositionPatient, ``u``/``v`` the row/column
+direction cosines, ``dr``/``dc`` PixelSpacing), turned into RAS and through the inverse of the
+reader's affine into a voxel index of the array; the indices must be whole voxels inside the
+array, else the saliency is not on the source's grid and a ``ValueError`` says so.
+
+Identifiers. By default the Patient and Study attributes (PatientName, PatientID,
+PatientBirthDate, PatientSex, StudyID, AccessionNumber, StudyDate, ...) are copied from the source,
+as highdicom does. With ``deidentify=True`` highdicom is given a copy of each source image that
+holds only what the map needs: the UIDs (Study, Series, SOP Instance, Frame of Reference, SOP
+Class), the geometry, Modality, StudyDate/StudyTime and SeriesNumber, and dummy identifiers
+(PatientName "ANONYMOUS", PatientID "ANON", empty PatientBirthDate, PatientSex, StudyID,
+AccessionNumber and ReferringPhysicianName). So the map keeps its place in the study, its Frame of
+Reference and its references to the source images (all UIDs are kept: the map stays linkable to
+the source study, which the overlay needs), and dates (PS3.15's "retain longitudinal temporal
+information" option); every other patient, institution, equipment and clinical-trial attribute
+is left out. The map then says PatientIdentityRemoved "YES" and names the method.
+
+Inputs that cannot carry a map (a source image without a Frame of Reference,
+ImagePositionPatient, ImageOrientationPatient or PixelSpacing: nothing to place the frames with)
+raise :class:`~c2f_med.errors.InputError` naming the file; the caller decides whether the rest of
+its outputs are still written. Nothing identifying the patient is logged or put in a message.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+import c2f_med
+from c2f_med.atomic import atomic_dir
+from c2f_med.errors import InputError
+from c2f_med.export.nifti import DESCRIPTION
+from c2f_med.io.readers import DicomReader
+from c2f_med.io.transforms import ReadScan
+
+__all__ = [
+    "PM_FILENAME",
+    "ANONYMOUS",
+    "read_source_images",
+    "deidentified_copy",
+    "frames_on_source_grid",
+    "parametric_map",
+    "save_parametric_map",
+]
+
+#: Name of the Parametric Map file inside the output series folder.
+PM_FILENAME = "saliency_parametric_map.dcm"
+
+#: Dummy identifiers written with ``deidentify=True`` (type 2 attributes stay present, empty).
+ANONYMOUS = {
+    "PatientName": "ANONYMOUS",
+    "PatientID": "ANON",
+    "PatientBirthDate": "",
+    "PatientSex": "",
+    "StudyID": "",
+    "AccessionNumber": "",
+    "ReferringPhysicianName": "",
+}
+
+# what a de-identified source copy keeps: UIDs, geometry, image size and the study's dates
+_KEPT = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "FrameOfReferenceUID", "PositionReferenceIndicator", "Modality", "SeriesNumber", "InstanceNumber",
+    "StudyDate", "StudyTime", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+    "SliceThickness", "SpacingBetweenSlices", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+)
+# attributes highdicom reads from the first source image (type 2: present, possibly empty)
+_REQUIRED_EMPTY_OK = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                      "StudyDate", "StudyTime", "ReferringPhysicianName")
+_GEOMETRY = ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+_WHOLE_VOXEL_TOL = 0.05  # voxels: DICOM decimal strings round positions to about 1e-6 mm
+
+
+def read_source_images(source: str | os.PathLike, series_uid: str | None = None) -> list[Dataset]:
+    """The headers (no pixel data) of the source images, ordered by InstanceNumber.
+
+    ``source`` is a DICOM series folder (the series is chosen as c2f_med's reader chooses it: the
+    only one, or ``series_uid``) or a single DICOM file.
+
+    Raises:
+        InputError: no or several series (without ``series_uid``), an unreadable header, or an
+            image without the geometry a Parametric Map needs.
+    """
+    source = Path(source)
+    files = DicomReader(series_uid=series_uid).series_files(source) if source.is_dir() else (str(source),)
+    images = []
+    for name in files:
+        try:
+            images.append(pydicom.dcmread(name, stop_before_pixels=True))
+        except Exception as err:  # pydicom raises many types for a corrupt header
+            raise InputError(name, "corrupt DICOM header: cannot build a Parametric Map on it") from err
+    for name, ds in zip(files, images):
+        missing = [t for t in _GEOMETRY if t not in ds]
+        if missing:
+            raise InputError(name, f"DICOM image without {', '.join(missing)}: cannot place a Parametric Map on it")
+    return sorted(images, key=lambda ds: int(ds.get("InstanceNumber") or 0))
+
+
+def deidentified_copy(ds: Dataset) -> Dataset:
+    """A new dataset with only the UIDs, geometry and dates of ``ds`` plus :data:`ANONYMOUS` identifiers."""
+    out = Dataset()
+    for keyword in _KEPT:
+        if keyword in ds:
+            setattr(out, keyword, ds.data_element(keyword).value)
+    for keyword, value in ANONYMOUS.items():
+        setattr(out, keyword, value)
+    return out
+
+
+def frames_on_source_grid(
+    saliency: NDArray[np.floating], affine: NDArray[np.floating], images: Sequence[Dataset]
+) -> NDArray[np.float32]:
+    """The saliency at each source image's pixels: ``n x Rows x Columns`` in the order of ``images``.
+
+    Args:
+        saliency: ``X x Y x Z`` on the grid that ``affine`` (voxel index to RAS mm) describes.
+        affine: the reader's affine of the source series (4 x 4).
+        images: source image headers (ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+            Rows, Columns).
+
+    Raises:
+        ValueError: a source pixel does not fall on a voxel centre of ``saliency``.
+    """
+    saliency = np.asarray(saliency, dtype=np.float32)
+    world_to_index = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    frames = np.empty((len(images), int(images[0].Rows), int(images[0].Columns)), dtype=np.float32)
+    for n, ds in enumerate(images):
+        position = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+        u, v = np.asarray(ds.ImageOrientationPatient, dtype=np.float64).reshape(2, 3)  # along a row, down a column
+        dr, dc = (float(s) for s in ds.PixelSpacing)  # between rows, between columns
+        r, c = np.meshgrid(np.arange(int(ds.Rows)), np.arange(int(ds.Columns)), indexing="ij")
+        lps = position + c[..., None] * dc * u + r[..., None] * dr * v  # Rows x Columns x 3
+        index = (lps @ _LPS_TO_RAS.T) @ world_to_index[:3, :3].T + world_to_index[:3, 3]
+        voxel = np.rint(index).astype(np.int64)
+        off_grid = np.abs(index - voxel).max()
+        outside = (voxel < 0).any() or (voxel >= np.asarray(saliency.shape)).any()
+        if off_grid > _WHOLE_VOXEL_TOL or outside:
+            raise ValueError(
+                f"saliency {saliency.shape} is not on the grid of source image {n + 1} "
+                f"(off the voxel centres by up to {off_grid:.3g} voxels{', outside the array' if outside else ''})"
+            )
+        frames[n] = saliency[voxel[..., 0], voxel[..., 1], voxel[..., 2]]
+    return frames
+
+
+def parametric_map(
+    frames: NDArray[np.float32], images: Sequence[Dataset], *, series_number: int | None = None
+) -> hd.pm.ParametricMap:
+    """A Parametric Map of ``frames`` (``n x Rows x Columns``, one per image of ``images``).
+
+    Plane positions, orientation and pixel measures are the source images'; each frame references
+    its source image. New Series and SOP Instance UIDs; SeriesNumber ``1000 + source's`` unless given.
+    """
+    images = [_with_type2_attributes(ds) for ds in images]
+    low, high = float(min(0.0, frames.min())), float(max(1.0, frames.max()))
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="saliency",
+        lut_explanation="c2f_med saliency (0 none, 1 most)",
+        unit=codes.UCUM.NoUnits,
+        value_range=(low, high),
+        slope=1.0,
+        intercept=0.0,
+    )
+    if series_number is None:
+        series_number = 1000 + int(images[0].get("SeriesNumber") or 0)
+    with warnings.catch_warnings():  # a one-component PatientName ("ANONYMOUS", many real IDs) is valid DICOM
+        warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
+        pm = hd.pm.ParametricMap(
+            source_images=images,
+            pixel_array=np.ascontiguousarray(frames, dtype=np.float32),
+            series_instance_uid=hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="c2f_med",
+            manufacturer_model_name="C2F-Explainer",
+            software_versions=c2f_med.__version__,
+            device_serial_number="0",
+            contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping],
+            voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+            content_label="SALIENCY",
+            content_description=DESCRIPTION,
+        )
+    pm.SeriesDescription = DESCRIPTION
+    return pm
+
+
+def save_parametric_map(
+    saliency_on_original_grid: NDArray[np.floating],
+    source: str | os.PathLike,
+    out_folder: str | os.PathLike,
+    *,
+    series_uid: str | None = None,
+    deidentify: bool = False,
+) -> Path:
+    """Write the saliency as a Parametric Map series referencing the source DICOM series.
+
+    Args:
+        saliency_on_original_grid: ``[1 x] X0 x Y0 x Z0`` on the grid c2f_med's reader gives
+            ``source`` (e.g. :func:`~c2f_med.io.transforms.to_original_grid` of the saliency).
+        source: the DICOM series folder or single DICOM file the scan was read from.
+        out_folder: the output series folder (replaced as a whole, atomically); it receives
+            :data:`PM_FILENAME`.
+        series_uid: the series of a folder that holds several (as given to the reader).
+        deidentify: replace the patient identifiers (see the module docstring).
+
+    Returns:
+        the path of the Parametric Map file.
+
+    Raises:
+        InputError: the source cannot carry a Parametric Map (see :func:`read_source_images`).
+        ValueError: the saliency is not on the source's grid.
+    """
+    saliency = np.asarray(saliency_on_original_grid, dtype=np.float32)
+    if saliency.ndim == 4 and saliency.shape[0] == 1:
+        saliency = saliency[0]
+    if saliency.ndim != 3:
+        raise ValueError(f"saliency must be X x Y x Z (or 1 x X x Y x Z), got shape {saliency.shape}")
+    images = read_source_images(source, series_uid)
+    # the reader's own grid for the array, so the index convention is the one the saliency was made on
+    affine = np.asarray(ReadScan(series_uid=series_uid, allow_constant=True)(source).affine, dtype=np.float64)
+    frames = frames_on_source_grid(saliency, affine, images)
+    if deidentify:
+        images = [deidentified_copy(ds) for ds in images]
+    pm = parametric_map(frames, images)
+    if deidentify:
+        pm.PatientIdentityRemoved = "YES"
+        pm.DeidentificationMethod = "c2f_med: identifiers replaced, UIDs and dates kept"
+    out_folder = Path(out_folder)
+    with atomic_dir(out_folder) as tmp:
+        pm.save_as(tmp / PM_FILENAME)
+    return out_folder / PM_FILENAME
+
+
+def _with_type2_attributes(ds: Dataset) -> Dataset:
+    """``ds`` itself, or a shallow copy with the type 2 attributes highdicom reads added empty."""
+    missing = [k for k in _REQUIRED_EMPTY_OK if k not in ds]
+    if not missing:
+        return ds
+    out = Dataset(ds)
+    for keyword in missing:
+        setattr(out, keyword, "")
+    return out

@@ -1,0 +1,86 @@
+"""Load the project's MONAI bundle: network from ``configs/inference.json``, weights, fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from c2f_med.errors import InputError
+from c2f_med.models.vit import TokenViT
+
+__all__ = ["Bundle", "load_bundle", "sha256_file", "DEFAULT_BUNDLE"]
+
+#: the bundle this repository ships
+DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "c2f_lesion_vit"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle.
+
+    Attributes:
+        root: the bundle folder.
+        model: the slice classifier in eval mode, as a :class:`TokenViT`.
+        sha256: SHA-256 of ``models/model.pt``.
+        preset: intensity preset name for :func:`c2f_med.io.transforms.load_case_transforms`.
+        lesion_class: index of the "lesion" class (the explained target by default).
+        config: the inference config's plain values (for provenance).
+    """
+
+    root: Path
+    model: TokenViT
+    sha256: str
+    preset: str
+    lesion_class: int
+    config: dict[str, Any]
+
+
+def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Build ``network_def`` of ``root/configs/inference.json`` and load ``root/models/model.pt``.
+
+    The checkpoint is a state dict, loaded with ``weights_only=True``.
+
+    Raises:
+        InputError: the folder, config or weights are missing or do not fit each other.
+    """
+    from monai.bundle import ConfigParser
+
+    root = Path(root)
+    config_file, weights = root / "configs" / "inference.json", root / "models" / "model.pt"
+    for path in (root, config_file, weights):
+        if not path.exists():
+            raise InputError(path, "bundle file not found")
+    parser = ConfigParser()
+    try:
+        parser.read_config(str(config_file))
+        parser["bundle_root"] = str(root)
+        model = parser.get_parsed_content("network_def", instantiate=True)
+    except Exception as err:  # noqa: BLE001 - any config problem is the bundle's
+        raise InputError(config_file, f"cannot build network_def ({type(err).__name__}: {err})") from err
+    try:
+        state = torch.load(weights, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+    except Exception as err:  # noqa: BLE001
+        raise InputError(weights, f"cannot load the weights ({type(err).__name__}: {str(err)[:200]})") from err
+    plain = {k: parser[k] for k in ("preset", "lesion_class", "axis", "method", "img_size") if k in parser}
+    return Bundle(
+        root=root,
+        model=model.to(device).eval(),
+        sha256=sha256_file(weights),
+        preset=str(parser.get("preset", "auto")),
+        lesion_class=int(parser.get("lesion_class", 1)),
+        config=plain,
+    )

@@ -1,0 +1,104 @@
+"""TokenViT adapters: documented shapes, attention rows, gradients against finite differences."""
+
+import pytest
+import timm
+import torch
+
+from c2f_med.models.vit import LesionViT, MonaiViTAdapter, TimmViTAdapter
+
+
+def tiny_monai() -> LesionViT:
+    torch.manual_seed(0)
+    return LesionViT(img_size=32, stem_channels=(8, 16), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2).eval()
+
+
+def tiny_timm() -> TimmViTAdapter:
+    torch.manual_seed(0)
+    net = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, in_chans=1, num_classes=2, embed_dim=32, depth=2, num_heads=2)
+    return TimmViTAdapter(net).eval()
+
+
+ADAPTERS = {"monai": tiny_monai, "timm": tiny_timm}
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_shapes_and_attention_rows(name):
+    model = ADAPTERS[name]()
+    x = torch.randn(3, 1, 32, 32)
+    out = model.run(x, tokens=True, attentions=True, target=torch.tensor([0, 1, 1]))
+    h, w = model.grid
+    n = h * w
+    assert out.logits.shape == (3, 2)
+    assert out.tokens.shape[:2] == (3, n) and out.token_grads.shape == out.tokens.shape
+    assert len(out.attentions) == model.num_layers == 2
+    for a, g in zip(out.attentions, out.attention_grads):
+        assert a.shape == (3, model.num_heads, n + 1, n + 1) == g.shape
+        torch.testing.assert_close(a.sum(-1), torch.ones(3, model.num_heads, n + 1))
+    torch.testing.assert_close(out.logits, model(x))  # recording changes nothing
+
+
+def test_grid_and_patch_size():
+    model = tiny_monai()
+    assert model.patch_size == 4 and model.grid == (8, 8)
+    assert tiny_timm().grid == (4, 4)
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_attention_gradient_matches_finite_difference(name):
+    """<dy/dA, E> from run() equals (y(A + eps E) - y(A - eps E)) / 2 eps with A perturbed in the forward."""
+    model = ADAPTERS[name]().double()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    target = torch.tensor([1, 0])
+    out = model.run(x, attentions=True, target=target)
+    layer = 0
+    direction = torch.randn_like(out.attentions[layer])
+    predicted = (out.attention_grads[layer] * direction).sum()
+
+    def score(eps: float) -> torch.Tensor:
+        module = model.attention_modules()[layer]
+        handle = module.register_forward_hook(lambda m, i, o: o + eps * direction)
+        try:
+            with torch.no_grad():
+                logits = model(x)
+        finally:
+            handle.remove()
+        return logits.gather(1, target.view(-1, 1)).sum()
+
+    eps = 1e-6
+    numeric = (score(eps) - score(-eps)) / (2 * eps)
+    torch.testing.assert_close(predicted, numeric, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_token_gradient_matches_autograd(name):
+    """token_grads equal autograd's gradient of the target logit w.r.t. the last block's norm1 output."""
+    model = ADAPTERS[name]().double()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    target = torch.tensor([0, 1])
+    out = model.run(x, tokens=True, target=target)
+    kept = {}
+    handle = model.last_norm().register_forward_hook(lambda m, i, o: kept.setdefault("t", o))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), kept["t"])
+    torch.testing.assert_close(out.token_grads, grad[:, 1:])
+
+
+def test_each_slice_gets_its_own_gradient():
+    model = tiny_monai()
+    x = torch.randn(3, 1, 32, 32)
+    both = model.run(x, attentions=True, target=torch.tensor([1, 1, 1]))
+    alone = model.run(x[1:2], attentions=True, target=torch.tensor([1]))
+    torch.testing.assert_close(both.attention_grads[1][1:2], alone.attention_grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_monai_adapter_refuses_tanh_head():
+    from monai.networks.nets import ViT
+
+    vit = ViT(in_channels=1, img_size=(32, 32), patch_size=(8, 8), hidden_size=32, mlp_dim=64, num_layers=1,
+              num_heads=2, classification=True, num_classes=2, spatial_dims=2)  # default Tanh head
+    with pytest.raises(ValueError, match="post_activation=None"):
+        MonaiViTAdapter(vit, (32, 32))

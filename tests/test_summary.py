@@ -1,0 +1,143 @@
+"""summary.json / summary.md builder: NaN-aware means, dataset mIoU from counts, classifier scores, bold best."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from c2f_med.metrics.localisation import IoUAccumulator, threshold_mean
+from c2f_med.summary import (
+    CI_KEYS,
+    SCORE_KEYS,
+    classifier_scores,
+    iou_counts,
+    render_markdown,
+    summarise,
+    write_summary,
+)
+
+CONTRACT = ("pointing_game", "pointing_game_tol", "relevance_mass", "miou", "dice", "iou_topk", "auroc", "ap",
+            "deletion_auc", "insertion_auc", "seconds_per_slice", "forward_passes_per_slice", "slices")
+BUNDLE = SimpleNamespace(root="/bundles/tiny", sha256="ab" * 32)
+
+
+def make_rows(seed: int = 0):
+    """Two methods on the same 5 slices of 2 cases, real IoU counts; "good" beats "bad" on every score."""
+    rng = np.random.default_rng(seed)
+    rows, preds = [], {"good": [], "bad": []}
+    for case, slices in (("a", [3, 4, 5]), ("b", [1, 2])):
+        for i in slices:
+            mask = np.zeros((12, 12), bool)
+            mask[2:6, 3:8] = True
+            for method, quality in (("good", 0.8), ("bad", 0.2)):
+                sal = rng.random((12, 12)) + quality * mask
+                pred = threshold_mean(sal)
+                preds[method].append((pred, mask))
+                scores = {k: quality + 0.01 * rng.random() for k in SCORE_KEYS}
+                scores["deletion_auc"] = 1 - quality
+                rows.append({"case": case, "slice": i, "method": method, **scores, "seconds": quality,
+                             "forward_passes": 10 * quality, "backward_passes": 1.0, **iou_counts(pred, mask),
+                             **({"K": 4, "pos1": 3} if method == "good" else {})})
+    return rows, preds
+
+
+def test_means_counts_and_dataset_miou():
+    rows, preds = make_rows()
+    rows[0]["auroc"] = math.nan  # "good", case a slice 3: not applicable
+    s = summarise(rows, [], BUNDLE, "dl.json", 2, n_boot=200)
+    assert s["cases"] == 2 and s["lesion_slices"] == 5 and s["datalist"] == "dl.json"
+    assert s["bundle"] == {"path": "/bundles/tiny", "sha256": "ab" * 32}
+    for name, m in s["methods"].items():
+        assert all(k in m for k in CONTRACT)
+        assert m["slices"] == 5
+        own = [r for r in rows if r["method"] == name]
+        assert m["ap"] == pytest.approx(np.mean([r["ap"] for r in own]))
+        acc = IoUAccumulator()
+        for pred, mask in preds[name]:
+            acc.update(pred, mask)
+        assert m["miou"] == pytest.approx(acc.aggregate())
+    good = s["methods"]["good"]
+    assert good["auroc"] == pytest.approx(np.mean([r["auroc"] for r in rows if r["method"] == "good"][1:]))
+    assert good["not_applicable"]["auroc"] == 1 and s["methods"]["bad"]["not_applicable"]["auroc"] == 0
+    assert good["records"] == {"K": 4, "pos1": 3} and "records" not in s["methods"]["bad"]
+    assert good["ci95"]["ap"]["low"] <= good["ap"] <= good["ci95"]["ap"]["high"]
+
+
+def test_method_without_rows_is_reported_as_not_applicable():
+    rows, _ = make_rows()
+    s = summarise(rows, [], BUNDLE, "dl.json", 2, methods=["good", "bad", "absent"], n_boot=50)
+    absent = s["methods"]["absent"]
+    assert absent["slices"] == 0 and math.isnan(absent["ap"]) and math.isnan(absent["miou"])
+    assert list(s["methods"]) == ["good", "bad", "absent"]
+
+
+def test_paired_comparison_only_with_c2f_and_on_common_slices():
+    rows, _ = make_rows()
+    assert "comparisons" not in summarise(rows, [], BUNDLE, "d", 2, n_boot=50)
+    for r in rows:
+        r["method"] = {"good": "c2f"}.get(r["method"], r["method"])
+    rows = rows[:-1]  # "bad" misses the last slice
+    c = summarise(rows, [], BUNDLE, "d", 2, n_boot=200)["comparisons"]["c2f - bad"]
+    for key in CI_KEYS:
+        assert c[key]["n_pairs"] == 4 and c[key]["mean_diff"] > 0.5 and c[key]["low"] > 0
+
+
+def test_classifier_scores():
+    rows = [{"case": "a", "slice": i, "probability": p, "lesion": y}
+            for i, (p, y) in enumerate([(0.9, True), (0.6, False), (0.4, True), (0.1, False), (0.5, True)])]
+    c = classifier_scores(rows)
+    # positives 0.9, 0.4, 0.5 vs negatives 0.6, 0.1: pairs won 2 + 1 + 1 = 4 of 6
+    assert c["slice_auroc"] == pytest.approx(4 / 6)
+    assert c["slice_accuracy"] == pytest.approx(3 / 5)  # 0.9 yes, 0.6 no, 0.4 no, 0.1 yes, 0.5 yes
+    assert c["slices"] == 5 and c["lesion_slices"] == 3
+    only = classifier_scores([r for r in rows if r["lesion"]])
+    assert math.isnan(only["slice_auroc"]) and only["slice_accuracy"] == pytest.approx(2 / 3)
+    assert math.isnan(classifier_scores([])["slice_auroc"])
+
+
+def _table(md: str) -> dict[str, dict[str, str]]:
+    lines = [line for line in md.splitlines() if line.startswith("| ")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    out = {}
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in ("good", "bad", "c2f"):
+            out[cells[0]] = dict(zip(header, cells))
+    return out
+
+
+def test_markdown_bolds_the_best_and_states_counts(tmp_path):
+    rows, _ = make_rows()
+    clf = [{"case": "a", "slice": 1, "probability": 0.7, "lesion": True},
+           {"case": "a", "slice": 0, "probability": 0.2, "lesion": False}]
+    s = summarise(rows, clf, BUNDLE, "dl.json", 2, n_boot=50)
+    md = render_markdown(s)
+    table = _table(md)
+    header = list(table["good"])
+    assert header[:4] == ["method", "AP", "IoU top-k", "mIoU"]
+    for col in ("AP", "IoU top-k", "pointing game", "relevance mass", "deletion AUC"):
+        assert table["good"][col].startswith("**") and not table["bad"][col].startswith("**"), col
+    # costs: lower is better, "bad" is cheaper here
+    assert table["bad"]["s / slice"].startswith("**") and not table["good"]["s / slice"].startswith("**")
+    assert "2 cases, 5 lesion slices" in md
+    write_summary(tmp_path, s)
+    assert (tmp_path / "summary.md").read_text() == md
+    assert json.loads((tmp_path / "summary.json").read_text())["methods"]["good"]["slices"] == 5
+
+
+def test_nan_written_as_null_and_not_applicable_listed(tmp_path):
+    rows, _ = make_rows()
+    for r in rows:
+        if r["method"] == "bad":
+            r["deletion_auc"] = math.nan
+    s = summarise(rows, [], BUNDLE, "dl.json", 2, n_boot=50)
+    write_summary(tmp_path, s)
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["methods"]["bad"]["deletion_auc"] is None
+    assert data["classifier"]["slice_auroc"] is None
+    md = (tmp_path / "summary.md").read_text()
+    assert _table(md)["bad"]["deletion AUC"] == "n/a" and "bad: deletion_auc 5" in md
