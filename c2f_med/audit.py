@@ -22,7 +22,8 @@ Resuming: a case is *done* when a ledger line says so AND its folder exists. A r
 ``OUT`` skips the done cases and retries the others: failed ones, and the one a killed run was
 writing (its hidden ``.<case>.*.tmp`` folder is removed; a folder without a ledger line is redone).
 ``OUT/audit.json`` pins the bundle's sha256, the method, its parameters and the datalist section;
-a rerun with other ones is refused. Two audits must not write into one ``OUT`` at the same time.
+a rerun with other ones is refused. The datalist itself may grow between runs: the merged outputs
+cover its current cases. Two audits must not write into one ``OUT`` at the same time.
 
 Processes: under ``torchrun --nproc_per_node K`` (env ``WORLD_SIZE`` / ``RANK``) the process group
 is initialised (gloo on CPU; NCCL on CUDA, one GPU per ``LOCAL_RANK``). Rank 0 checks the output
@@ -219,7 +220,7 @@ def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.Path
     """Explain, score and record one datalist item (``{"image", "label" (optional), "case_id"}``).
 
     Never raises for a bad case: the returned ledger record has ``status`` "failed" and the
-    ``error``. A done record holds ``rows`` (per-slice score rows, :mod:`c2f_med.summary`; empty
+    ``error`` on one line. A done record holds ``rows`` (per-slice score rows, :mod:`c2f_med.summary`; empty
     without a mask), ``classifier`` rows, ``explain`` (``explain_case``'s counts), ``records``
     (:func:`_record_means`), ``inputs`` (paths and sha256), ``seed`` and ``seconds``.
     """
@@ -245,7 +246,8 @@ def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.Path
             inputs=json.loads((result.folder / "provenance.json").read_text())["inputs"])
     except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the cohort goes on
         err = find_input_error(exc)
-        record.update(status="failed", error=str(err) if err else f"{type(exc).__name__}: {exc}",
+        message = str(err) if err else f"{type(exc).__name__}: {exc}"
+        record.update(status="failed", error=" ".join(message.split()),  # one line, for the CSV and the log
                       inputs=_input_hashes(item))
         logger.warning("case %s failed: %s", case, record["error"])
     record["seconds"] = time.perf_counter() - start

@@ -19,12 +19,15 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.data import MetaTensor
 
 from c2f_med.atomic import atomic_dir, write_json
 from c2f_med.explain import create, explain_volume
@@ -35,7 +38,8 @@ from c2f_med.metrics.localisation import localisation_scores
 from c2f_med.models.bundle import Bundle
 from c2f_med.provenance import provenance
 
-__all__ = ["CaseResult", "load_scan", "score_volume", "tolerance_voxels", "explain_case"]
+__all__ = ["CaseResult", "load_scan", "score_volume", "tolerance_voxels", "case_scores", "write_predictions",
+           "write_case", "explain_case"]
 
 
 @dataclass
@@ -85,12 +89,71 @@ def tolerance_voxels(model, slice_shape: tuple[int, int]) -> float:
     return model.patch_size / 2 * max(slice_shape) / model.input_size[0]
 
 
-def _write_predictions(path: Path, result: VolumeExplanation) -> None:
+def case_scores(saliency: np.ndarray, label: np.ndarray, axis: int, model) -> dict[str, Any]:
+    """:func:`score_volume` with the pointing game's ``p / 2`` model pixels (:func:`tolerance_voxels`),
+    which it adds as ``"tolerance_voxels"``: the content of ``scores.json``."""
+    tolerance = tolerance_voxels(model, tuple(s for i, s in enumerate(saliency.shape) if i != axis))
+    return {**score_volume(saliency, label, axis, tolerance), "tolerance_voxels": tolerance}
+
+
+def write_predictions(path: Path, result: VolumeExplanation) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["slice", "probability", "explained"])
         for p in result.predictions:
             w.writerow([p.index, "" if math.isnan(p.probability) else f"{p.probability:.6f}", int(p.explained)])
+
+
+def write_case(
+    folder: str | os.PathLike,
+    *,
+    bundle: Bundle,
+    scan: MetaTensor,
+    result: VolumeExplanation,
+    label: Any,
+    scores: Mapping[str, Any] | None,
+    image: str | os.PathLike,
+    mask: str | os.PathLike | None,
+    info: Mapping[str, Any],
+    series_uid: str | None = None,
+    dicom_export: bool = True,
+    deidentify: bool = False,
+) -> Path:
+    """Write one case folder (module docstring) atomically; returns ``folder``.
+
+    ``c2f-med explain`` (:func:`explain_case`) and the bundle's ``SaliencySaver`` write their folders with it.
+
+    Args:
+        folder: ``OUT/<case>``.
+        bundle: the :class:`~c2f_med.models.bundle.Bundle` (provenance).
+        scan: the loaded scan ``1 x X x Y x Z`` (its meta data map back to the file's grid).
+        result: the explanation of ``scan``; label: ``X x Y x Z`` lesion mask or None.
+        scores: :func:`c2f_med.case.score_volume` result with ``"tolerance_voxels"``, or None.
+        image, mask: the input paths (provenance; a DICOM ``image`` adds ``dicom/``).
+        info: ``{"method", "params", "axis", "min_probability", "normalise", "seconds"}``.
+        series_uid, dicom_export, deidentify: as in :func:`c2f_med.case.explain_case`.
+    """
+    from c2f_med.export.nifti import save_on_original_grid
+    from c2f_med.export.overlays import overlay_montage
+
+    folder = Path(folder)
+    method, axis = info["method"], info["axis"]
+    scan = scan.cpu()
+    with atomic_dir(folder) as tmp:
+        save_on_original_grid(result.saliency, scan, tmp / "saliency.nii.gz")
+        overlay_montage(scan[0].numpy(), result.saliency[0].numpy(), label, axis=axis, path=tmp / "overlay.png",
+                        title=f"{folder.name}: {method}")
+        write_predictions(tmp / "predictions.csv", result)
+        if scores is not None:
+            write_json(tmp / "scores.json", scores)
+        if dicom_export and _is_dicom(image):
+            _export_dicom(result.saliency, scan, image, tmp / "dicom", series_uid, deidentify)
+        write_json(tmp / "provenance.json", provenance(
+            bundle, inputs={"image": image, "mask": mask}, method=method, params=info["params"],
+            extra={"axis": axis, "min_probability": info["min_probability"], "normalise": info["normalise"],
+                   "seconds": info["seconds"], "forward_passes": result.forward_passes,
+                   "backward_passes": result.backward_passes, "records": result.records}))
+    return folder
 
 
 def explain_case(
@@ -126,9 +189,6 @@ def explain_case(
         dicom_export: for DICOM inputs, also write a Parametric Map series into ``dicom/``.
         deidentify: strip patient identifiers from DICOM outputs.
     """
-    from c2f_med.export.nifti import save_on_original_grid
-    from c2f_med.export.overlays import overlay_montage
-
     start = time.perf_counter()
     case = case_id or case_id_of(image)
     data = load_scan(image, mask, bundle.preset, series_uid)
@@ -139,28 +199,14 @@ def explain_case(
     saliency = result.saliency[0].numpy()  # X x Y x Z on the loaded (RAS) grid
     label = data["label"][0].numpy().astype(bool) if "label" in data else None
 
-    scores = None
-    if label is not None:
-        in_plane = tuple(s for i, s in enumerate(saliency.shape) if i != axis)
-        tolerance = tolerance_voxels(bundle.model, in_plane)
-        scores = score_volume(saliency, label, axis, tolerance)
-        scores["tolerance_voxels"] = tolerance
+    scores = None if label is None else case_scores(saliency, label, axis, bundle.model)
     seconds = time.perf_counter() - start
 
-    with atomic_dir(Path(out_root) / case) as tmp:
-        save_on_original_grid(result.saliency, scan, tmp / "saliency.nii.gz")
-        overlay_montage(scan[0].numpy(), saliency, label, axis=axis, path=tmp / "overlay.png",
-                        title=f"{case}: {method}")
-        _write_predictions(tmp / "predictions.csv", result)
-        if scores is not None:
-            write_json(tmp / "scores.json", scores)
-        if dicom_export and _is_dicom(image):
-            _export_dicom(result.saliency, scan, image, tmp / "dicom", series_uid, deidentify)
-        write_json(tmp / "provenance.json", provenance(
-            bundle, inputs={"image": image, "mask": mask}, method=method, params=explainer.param_dict(),
-            extra={"axis": axis, "min_probability": min_probability, "normalise": normalise,
-                   "seconds": seconds, "forward_passes": result.forward_passes,
-                   "backward_passes": result.backward_passes, "records": result.records}))
+    info = {"method": method, "params": explainer.param_dict(), "axis": axis, "min_probability": min_probability,
+            "normalise": normalise, "seconds": seconds}
+    write_case(Path(out_root) / case, bundle=bundle, scan=scan, result=result, label=label, scores=scores,
+               image=image, mask=mask, info=info, series_uid=series_uid, dicom_export=dicom_export,
+               deidentify=deidentify)
     return CaseResult(
         case_id=case, folder=Path(out_root) / case,
         lesion_slices=0 if scores is None else scores["lesion_slices"], scores=scores, seconds=seconds,

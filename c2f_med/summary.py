@@ -17,7 +17,9 @@ A *classifier row* is the classifier's view of one non-background slice::
     {"case": str, "slice": int, "probability": float (of the lesion class), "lesion": bool}
 
 :func:`summarise` turns rows into the ``summary.json`` dict of the contract (architecture.md)
-plus a few extras; :func:`write_summary` writes it as ``summary.json`` and ``summary.md``.
+plus a few extras; :func:`write_summary` writes it as ``summary.json`` and ``summary.md``. Rows may
+hold numbers or their CSV text (``csv.DictReader`` of ``per_slice.csv``; an empty cell is NaN), so
+a summary can be rebuilt from the CSV alone.
 Aggregates use ``nanmean``: NaN scores are "not applicable" and are counted, never averaged as 0.
 """
 
@@ -42,6 +44,8 @@ __all__ = [
     "LOWER_IS_BETTER",
     "CLASSIFIER_THRESHOLD",
     "REFERENCE_METHOD",
+    "CI_KEYS",
+    "RECORD_KEYS",
     "iou_counts",
     "aggregate",
     "classifier_scores",
@@ -216,18 +220,20 @@ def _fmt(value: Any, key: str) -> str:
 
 
 def _best(summary: Mapping[str, Any], key: str) -> str | None:
-    """Formatted best value of column ``key`` over the methods (None if no method has one)."""
+    """Formatted best value of column ``key`` over the methods; None when fewer than two methods have a
+    value or all show the same one (nothing to single out)."""
     values = [m[key] for m in summary["methods"].values()
               if m.get(key) is not None and not (isinstance(m[key], float) and math.isnan(m[key]))]
-    if len(values) < 2:
+    if len({_fmt(v, key) for v in values}) < 2:
         return None
     best = min(values) if key in LOWER_IS_BETTER else max(values)
     return _fmt(best, key)
 
 
 def render_markdown(summary: Mapping[str, Any]) -> str:
-    """``summary.md``: one row per method, the best value of each column in bold (ties all bold),
-    the slice and case counts, and the paired bootstrap CIs of c2f minus each other method."""
+    """``summary.md``: one row per method, the best value of each column in bold (ties all bold; none
+    when every method shows the same value), the slice and case counts, and the paired bootstrap CIs
+    of c2f minus each other method."""
     methods = summary["methods"]
     clf = summary["classifier"]
     lines = [

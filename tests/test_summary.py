@@ -141,3 +141,29 @@ def test_nan_written_as_null_and_not_applicable_listed(tmp_path):
     assert data["classifier"]["slice_auroc"] is None
     md = (tmp_path / "summary.md").read_text()
     assert _table(md)["bad"]["deletion AUC"] == "n/a" and "bad: deletion_auc 5" in md
+
+
+def test_markdown_bolds_nothing_when_all_methods_tie():
+    rows, _ = make_rows()
+    for r in rows:
+        r["pointing_game"] = 1.0
+    table = _table(render_markdown(summarise(rows, [], BUNDLE, "d", 2, n_boot=50)))
+    assert table["good"]["pointing game"] == table["bad"]["pointing game"] == "1.000"
+
+
+def test_rows_read_back_from_csv_give_the_same_summary(tmp_path):
+    import csv
+
+    rows, _ = make_rows()
+    rows[3]["ap"] = math.nan
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(tmp_path / "rows.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        w.writerows({k: "" if isinstance(r.get(k), float) and math.isnan(r[k]) else r.get(k, "") for k in columns}
+                    for r in rows)
+    with open(tmp_path / "rows.csv", newline="") as fh:
+        text_rows = list(csv.DictReader(fh))
+    a = summarise(rows, [], BUNDLE, "d", 2, n_boot=100)
+    b = summarise(text_rows, [], BUNDLE, "d", 2, n_boot=100)
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

@@ -10,8 +10,8 @@ Attach them in this order to a ``SupervisedEvaluator`` whose network is a
 """
 
 from c2f_med.handlers.explain import ExplainHandler, case_ids, no_forward
-from c2f_med.handlers.save import SaliencySaver, write_case_folder
+from c2f_med.handlers.save import SaliencySaver
 from c2f_med.handlers.score import METRIC_KEYS, LesionScoreHandler, all_gather, is_rank0
 
 __all__ = ["ExplainHandler", "LesionScoreHandler", "SaliencySaver", "METRIC_KEYS", "all_gather", "case_ids",
-           "is_rank0", "no_forward", "write_case_folder"]
+           "is_rank0", "no_forward"]

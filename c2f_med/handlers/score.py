@@ -23,7 +23,7 @@ from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
 from c2f_med.atomic import atomic_path
-from c2f_med.case import score_volume, tolerance_voxels
+from c2f_med.case import case_scores
 from c2f_med.handlers.explain import case_ids
 from c2f_med.metrics.localisation import threshold_mean
 from c2f_med.summary import (
@@ -130,9 +130,7 @@ class LesionScoreHandler:
             axis = info["axis"]
             saliency = item["saliency"][0].numpy()  # X x Y x Z
             mask = label[0].cpu().numpy() > 0
-            tolerance = tolerance_voxels(engine.network, tuple(s for a, s in enumerate(mask.shape) if a != axis))
-            scores = score_volume(saliency, mask, axis, tolerance)
-            scores["tolerance_voxels"] = tolerance
+            scores = case_scores(saliency, mask, axis, engine.network)
             item["scores"] = scores
             self.cases.append({"case": case, "method": info["method"], "scores": scores})
             self._add_rows(case, item, saliency, mask, scores)

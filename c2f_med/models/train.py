@@ -54,11 +54,13 @@ class TrainConfig:
     curriculum_fraction: float = 0.25  # share of the steps over which the lesion ranges widen
     diameter_mm: tuple[float, float] = (3.0, 20.0)  # full lesion range (synth's)
     contrast: tuple[float, float] = (0.15, 0.8)
-    start_diameter_mm: float = 8.0  # the curriculum's first minimum diameter
-    start_contrast: float = 0.45  # the curriculum's first minimum |contrast|
+    start_diameter_mm: float = 12.0  # the curriculum's first minimum diameter
+    start_contrast: float = 0.6  # the curriculum's first minimum |contrast|
     anatomy_pool: int = 24  # anatomies kept in memory, one replaced every `anatomy_refresh` volumes
     anatomy_refresh: int = 8
     lesions_per_volume: tuple[int, int] = (2, 6)
+    token_loss_weight: float = 1.0  # auxiliary per-token lesion loss (0 = slice labels only)
+    token_pos_weight: float = 10.0  # BCE weight of lesion tokens (they are a few of 144)
     twin_negative: float = 0.75  # share of negatives taken at a positive's slice of the lesion-free twin
     seed: int = 0
     model: dict = field(default_factory=dict)  # LesionViT keyword arguments
@@ -84,23 +86,25 @@ def _balanced(images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generat
 def slice_dataset(image: torch.Tensor, label: torch.Tensor | None, size: int, axis: int = 2):
     """One preset-normalised volume ``X x Y x Z`` (and its mask) -> model-grid slices and slice labels.
 
-    Background-only slices (all zero) are dropped. Returns ``(n x 1 x size x size`` normalised
-    input, ``n`` labels (1 = lesion voxels in the slice, -1 without a mask), ``n`` slice indices).
+    Background-only slices (all zero) are dropped. Returns ``(x, y, index, masks)``: ``n x 1 x size x
+    size`` normalised input, ``n`` labels (1 = lesion voxels in the slice, -1 without a mask), ``n``
+    slice indices, and the lesion masks on the model grid (``n x 1 x size x size`` in [0, 1], or
+    ``None`` without a mask).
     """
     keep = torch.movedim(image, axis, 0).flatten(1).amax(1) > 0
     index = torch.nonzero(keep).flatten()
     x, _ = to_model_grid(volume_slices(image, axis, index), size)
     if label is None:
-        y = torch.full((len(index),), -1, dtype=torch.long)
-    else:
-        y = (torch.movedim(label, axis, 0)[index].flatten(1).amax(1) > 0).long()
-    return normalise_input(x), y, index
+        return normalise_input(x), torch.full((len(index),), -1, dtype=torch.long), index, None
+    y = (torch.movedim(label, axis, 0)[index].flatten(1).amax(1) > 0).long()
+    masks, _ = to_model_grid(volume_slices(label.float(), axis, index), size)
+    return normalise_input(x), y, index, masks
 
 
 class OnlineLesionSlices(IterableDataset):
     """Endless balanced batches of synthetic slices with freshly drawn lesions.
 
-    Yields ``{"image": B x 1 x S x S, "label": B}``. The number of batches yielded so far drives
+    Yields ``{"image": B x 1 x S x S, "label": B, "mask": B x 1 x S x S}``. The number of batches yielded so far drives
     the curriculum, so the stream is the same in a DataLoader worker as in the main process.
     """
 
@@ -109,7 +113,7 @@ class OnlineLesionSlices(IterableDataset):
 
     def _twins(self, anatomy, rng: np.random.Generator, step: int):
         """One volume with fresh lesions and its lesion-free twin (same bias and noise), both through
-        the inference preset and slicing: ``(x, y)`` of each, ``x`` ``n x 1 x S x S``."""
+        the inference preset and slicing: :func:`slice_dataset`'s ``(x, y, index, masks)`` of each."""
         from c2f_med.io.transforms import MRPercentileNorm
         from c2f_med.synth.anatomy import finalise
         from c2f_med.synth.lesions import insert_lesions
@@ -121,8 +125,7 @@ class OnlineLesionSlices(IterableDataset):
         for image, label in ((lesioned, mask), (anatomy.image, np.zeros_like(mask))):
             image = finalise(image, anatomy.bias, anatomy.noise_sigma, np.random.default_rng(noise_seed))
             image = MRPercentileNorm()(torch.from_numpy(image)[None])[0].as_tensor()  # plain tensor: fast ops
-            x, y, index = slice_dataset(image, torch.from_numpy(label), self.cfg.img_size)
-            out.append((x, y, index))
+            out.append(slice_dataset(image, torch.from_numpy(label), self.cfg.img_size))
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -134,39 +137,44 @@ class OnlineLesionSlices(IterableDataset):
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
         pool = [make_anatomy(rng) for _ in range(cfg.anatomy_pool)]
-        buffer: list[tuple[torch.Tensor, int]] = []
+        buffer: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (slice, model-grid mask, label)
         volumes = 0
         for step in itertools.count():
             while len(buffer) < 4 * cfg.batch_size:
-                (x, y, index), (tx, _, tindex) = self._twins(pool[int(rng.integers(len(pool)))], rng, step)
+                (x, y, index, m), (tx, _, tindex, tm) = self._twins(pool[int(rng.integers(len(pool)))], rng, step)
                 positives = np.flatnonzero(y.numpy() == 1)
                 twin_row = {int(i): r for r, i in enumerate(tindex.tolist())}
                 for p in rng.permutation(positives)[: cfg.batch_size]:
-                    buffer.append((x[p], 1))
+                    buffer.append((x[p], m[p], 1))
                     same = twin_row.get(int(index[p]))
                     q = same if same is not None and rng.random() < cfg.twin_negative else int(rng.integers(len(tx)))
-                    buffer.append((tx[q], 0))
+                    buffer.append((tx[q], tm[q], 0))
                 volumes += 1
                 if volumes % cfg.anatomy_refresh == 0:
                     pool[int(rng.integers(len(pool)))] = make_anatomy(rng)
             order = rng.permutation(len(buffer))
             take = order[: cfg.batch_size]
             images = torch.stack([buffer[i][0] for i in take])
-            labels = torch.tensor([buffer[i][1] for i in take])
+            masks = torch.stack([buffer[i][1] for i in take])
+            labels = torch.tensor([buffer[i][2] for i in take])
             buffer = [buffer[i] for i in order[cfg.batch_size:]]
-            yield {"image": augment(images, rng), "label": labels}
+            images, masks = augment(images, rng, masks)
+            yield {"image": images, "label": labels, "mask": masks}
 
 
 class DatalistSlices(IterableDataset):
     """Endless balanced, augmented batches from the slices of a datalist's labelled cases."""
 
     def __init__(self, items: list[dict], cfg: TrainConfig):
-        xs, ys = [], []
+        xs, ys, ms = [], [], []
         for image, label in _load_cases(items):
-            x, y, _ = slice_dataset(image, label, cfg.img_size)
+            if label is None:
+                raise ValueError(f"training case {image.meta.get('filename_or_obj', '')} has no label")
+            x, y, _, m = slice_dataset(image, label, cfg.img_size)
             xs.append(x)
             ys.append(y)
-        self.x, self.y, self.cfg = torch.cat(xs), torch.cat(ys), cfg
+            ms.append(m)
+        self.x, self.y, self.m, self.cfg = torch.cat(xs), torch.cat(ys), torch.cat(ms), cfg
         if not (self.y == 1).any() or not (self.y == 0).any():
             raise ValueError("the training cases need slices with and without lesions")
 
@@ -178,22 +186,24 @@ class DatalistSlices(IterableDataset):
                 pos, neg = np.flatnonzero(self.y.numpy() == 1), np.flatnonzero(self.y.numpy() == 0)
                 half = self.cfg.batch_size // 2
                 idx = rng.permutation(np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])).tolist()
-            yield {"image": augment(self.x[idx], rng), "label": self.y[idx]}
+            images, masks = augment(self.x[idx], rng, self.m[idx])
+            yield {"image": images, "label": self.y[idx], "mask": masks}
 
 
-def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Random per-slice augmentation of normalised slices ``B x 1 x S x S`` (returns a new tensor).
+def augment(x: torch.Tensor, rng: np.random.Generator, masks: torch.Tensor | None = None):
+    """Random per-slice augmentation of normalised slices ``B x 1 x S x S`` (returns a new tensor;
+    with ``masks`` ``B x 1 x S x S``, the pair ``(slices, masks)``, masks moved by the same geometry).
 
-    Geometry (one bilinear resampling): rotation +-20 deg, sampling scale 0.8-1.5 (zoom in to out), anisotropic
+    Geometry (one bilinear resampling): rotation +-20 deg, sampling scale 0.75-1.25 (zoom in to out), anisotropic
     stretch +-10 %, shift +-8 %, left-right and up-down flips. Intensity, on the [0, 1] preset scale:
     gamma 0.6-1.6, gain 0.85-1.15, offset +-0.05, Gaussian noise sigma 0-0.04, and a Gaussian blur
-    (sigma 0.5-1 px) on a quarter of the slices.
+    (sigma 0.5-0.8 px) on a tenth of the slices.
     """
     b = x.shape[0]
     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=g)  # noqa: E731
     ang = u(-math.pi / 9, math.pi / 9)
-    scale = u(0.8, 1.5)  # > 1 zooms out: the head can fill less of the field of view
+    scale = u(0.75, 1.25)  # > 1 zooms out; kept mild: a 3 mm lesion is barely 1.5 px at 96 px
     stretch = u(0.9, 1.1)
     flip_x = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
     flip_y = torch.where(torch.rand(b, generator=g) < 0.5, -1.0, 1.0)
@@ -205,16 +215,18 @@ def augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     raw = x * INPUT_STD + INPUT_MEAN  # back to the [0, 1] preset scale; zero padding = background
     raw = F.grid_sample(raw, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if masks is not None:
+        masks = F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     raw = raw.clamp(min=0).pow(u(0.6, 1.6).view(b, 1, 1, 1)) * u(0.85, 1.15).view(b, 1, 1, 1)
     raw = raw + u(-0.05, 0.05).view(b, 1, 1, 1)
     raw = raw + torch.randn(raw.shape, generator=g) * u(0.0, 0.04).view(b, 1, 1, 1)
-    blur = torch.rand(b, generator=g) < 0.25
+    blur = torch.rand(b, generator=g) < 0.1
     if blur.any():
         from torchvision.transforms.functional import gaussian_blur
 
-        sig = float(u(0.5, 1.0)[0])
+        sig = float(u(0.5, 0.8)[0])
         raw[blur] = gaussian_blur(raw[blur], kernel_size=5, sigma=sig)
-    return normalise_input(raw)
+    return normalise_input(raw) if masks is None else (normalise_input(raw), masks)
 
 
 def _load_cases(items: list[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -226,6 +238,30 @@ def _load_cases(items: list[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor 
         case = load(dict(item))
         label = case.get("label")
         yield case["image"][0].as_tensor(), None if label is None else label[0].as_tensor()
+
+
+class TokenLesionHead(nn.Module):
+    """Training-only wrapper of a :class:`~c2f_med.models.vit.MonaiViTAdapter`: besides the slice
+    logits ``B x C`` it predicts, from the final LayerNorm-ed patch tokens, which tokens hold lesion
+    (``B x N`` logits). The dense target speeds up learning to find small lesions; only the wrapped
+    network's weights are saved, and inference never uses this head.
+    """
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.head = nn.Linear(net.vit.norm.normalized_shape[0], 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, hidden = self.net.vit(self.net.stem(x))
+        tokens = self.net.vit.norm(hidden[-1])[:, 1:]  # B x N x D, CLS dropped
+        return logits, self.head(tokens).squeeze(-1)
+
+
+def token_targets(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``B x 1 x S x S`` model-grid lesion masks -> ``B x N`` 0/1: a token holds lesion when at least
+    5 % of its ``p x p`` pixels do (row-major over the token grid, as the ViT orders tokens)."""
+    return (F.avg_pool2d(masks.float(), patch_size) >= 0.05).float().flatten(1)
 
 
 def _param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
@@ -255,7 +291,7 @@ def validation_slices(items: list[dict], size: int) -> tuple[torch.Tensor, torch
     """All non-background slices of the labelled ``items`` with their lesion labels."""
     xs, ys = [], []
     for image, label in _load_cases(items):
-        x, y, _ = slice_dataset(image, label, size)
+        x, y, _, _ = slice_dataset(image, label, size)
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
@@ -300,7 +336,8 @@ def train(
     val_data = [{"image": vx[i], "label": vy[i]} for i in range(len(vy))]
     val_loader = torch.utils.data.DataLoader(val_data, batch_size=128, shuffle=False)
 
-    optimiser = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr)
+    wrapped = TokenLesionHead(net)
+    optimiser = torch.optim.AdamW(_param_groups(wrapped, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg))
 
     def _probs_onehot(out: dict) -> tuple[torch.Tensor, torch.Tensor]:  # batch (not decollated) output
@@ -317,14 +354,26 @@ def train(
                                       key_metric_n_saved=1, key_metric_filename="model.pt")],
     )
 
+    pos_weight = torch.tensor(cfg.token_pos_weight)
+
+    def prepare(batch: dict, device, non_blocking: bool = False, **_):
+        targets = (batch["label"].to(device), token_targets(batch["mask"], net.patch_size).to(device))
+        return batch["image"].to(device), targets
+
+    def loss(pred, targets):
+        (logits, token_logits), (label, token_label) = pred, targets
+        token_loss = F.binary_cross_entropy_with_logits(token_logits, token_label, pos_weight=pos_weight)
+        return F.cross_entropy(logits, label) + cfg.token_loss_weight * token_loss
+
     trainer = SupervisedTrainer(
         device=device,
         max_epochs=math.ceil(cfg.steps / cfg.epoch_steps),
         epoch_length=cfg.epoch_steps,
         train_data_loader=train_loader,
-        network=net,
+        network=wrapped,
         optimizer=optimiser,
-        loss_function=nn.CrossEntropyLoss(),
+        loss_function=loss,
+        prepare_batch=prepare,
         train_handlers=[
             LrScheduleHandler(lr_scheduler=scheduler, print_lr=False, epoch_level=False),
             ValidationHandler(validator=evaluator, interval=1, epoch_level=True),
@@ -334,7 +383,7 @@ def train(
 
     @trainer.on(IterationEvents.BACKWARD_COMPLETED)
     def _clip(engine):
-        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
 
     if progress:
         from ignite.contrib.handlers import ProgressBar

@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from monai.transforms import Invertd
 
 from c2f_med.case import explain_case
 from c2f_med.handlers import ExplainHandler, LesionScoreHandler, SaliencySaver
@@ -16,7 +17,8 @@ from .conftest import AFFINE, SHAPE
 
 def test_case_folders_match_explain_case(evaluate, bundle, cases, tmp_path):
     out = tmp_path / "run"
-    items, _ = evaluate([ExplainHandler("rollout"), LesionScoreHandler(), SaliencySaver(out, bundle)])
+    items, evaluator = evaluate([ExplainHandler("rollout"), LesionScoreHandler(), SaliencySaver(out, bundle)])
+    loading = evaluator.data_loader.dataset.transform  # load_case_transforms, as Invertd needs it
     explain_case(bundle, cases / "images" / "a.nii.gz", tmp_path / "cli", mask=cases / "labels" / "a.nii.gz",
                  method="rollout", progress=False)
     explain_case(bundle, cases / "images" / "b.nii.gz", tmp_path / "cli", method="rollout", progress=False)
@@ -30,6 +32,10 @@ def test_case_folders_match_explain_case(evaluate, bundle, cases, tmp_path):
         # the LPS file grid is the RAS-loaded grid flipped along x and y
         np.testing.assert_allclose(image.get_fdata(), np.flip(item["saliency"][0].numpy(), (0, 1)), atol=1e-6)
         np.testing.assert_allclose(image.get_fdata(), nib.load(want / "saliency.nii.gz").get_fdata(), atol=1e-6)
+        # MONAI's Invertd with the loading transforms gives the same volume and affine
+        inverted = Invertd("saliency", loading, orig_keys="image")(item)["saliency"]
+        np.testing.assert_allclose(inverted[0].numpy(), image.get_fdata(), atol=1e-6)
+        np.testing.assert_allclose(inverted.affine.numpy(), AFFINE)
         assert (got / "predictions.csv").read_text() == (want / "predictions.csv").read_text()
         assert (got / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         prov, ref = (json.load(open(f / "provenance.json")) for f in (got, want))
