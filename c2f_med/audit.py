@@ -50,11 +50,9 @@ Outputs (written by rank 0, each atomically)::
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -72,7 +70,7 @@ import torch.distributed as dist
 from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
-from c2f_med.atomic import atomic_path, write_json
+from c2f_med.atomic import write_csv, write_json
 from c2f_med.case import explain_case
 from c2f_med.errors import InputError, find_input_error
 from c2f_med.evaluate import CASE_CLASSIFIER_KEYS, CASE_KEYS, FAITHFULNESS, PER_SLICE_HEAD, evaluate_case
@@ -364,20 +362,6 @@ def _plan(bundle_dir: str | os.PathLike, datalist: str | os.PathLike, out: Path,
 # ---------------------------------------------------------------------------------------------- merge
 
 
-def _cell(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else value
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _cell(r.get(k)) for k in columns})
-
-
 def _case_row(record: Mapping[str, Any], method: str) -> dict[str, Any]:
     """The per_case.csv row of a final ledger record."""
     row = {"case": record["case"], "error": record.get("error", ""), "method": method,
@@ -407,9 +391,9 @@ def _merge(out: Path, plan: _Plan, bundle: Bundle, datalist: str | os.PathLike, 
 
     case_rows = [_case_row(r, method) for r in records]
     extra = list(dict.fromkeys(k for row in case_rows for k in row if k not in CASE_HEAD))
-    _write_csv(out / "per_case.csv", case_rows, [*CASE_HEAD, *extra])
+    write_csv(out / "per_case.csv", case_rows, [*CASE_HEAD, *extra])
     slice_extra = list(dict.fromkeys(k for row in rows for k in row if k not in PER_SLICE_HEAD))
-    _write_csv(out / "per_slice.csv", rows, [*PER_SLICE_HEAD, *slice_extra])
+    write_csv(out / "per_slice.csv", rows, [*PER_SLICE_HEAD, *slice_extra])
     write_summary(out, summary)
     write_json(out / "provenance.json", provenance(
         bundle, inputs={"datalist": datalist}, method=method, params=plan.params,

@@ -41,7 +41,6 @@ merged in datalist order, so they equal a single process's (timings aside).
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -56,7 +55,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from c2f_med.atomic import atomic_path
+from c2f_med.atomic import atomic_path, write_csv
 from c2f_med.case import load_scan, tolerance_voxels
 from c2f_med.errors import InputError, find_input_error
 from c2f_med.explain import Explainer, Explanation, create, explain_volume
@@ -315,22 +314,6 @@ CASE_KEYS = ("slices", *SCORE_KEYS, "miou", "seconds_per_slice", "forward_passes
 CASE_CLASSIFIER_KEYS = ("case_slices", "case_lesion_slices", "case_slice_auroc", "case_slice_accuracy")
 
 
-def _cell(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _cell(r.get(k)) for k in columns})
-
-
 def _per_case_rows(outputs: Sequence[CaseOutput], methods: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     for o in outputs:
@@ -482,8 +465,8 @@ def run_evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     extras = list(dict.fromkeys(k for r in rows for k in r if k not in PER_SLICE_HEAD))
-    _write_csv(out / "per_slice.csv", rows, [*PER_SLICE_HEAD, *extras])
-    _write_csv(out / "per_case.csv", _per_case_rows(outputs, methods),
+    write_csv(out / "per_slice.csv", rows, [*PER_SLICE_HEAD, *extras])
+    write_csv(out / "per_case.csv", _per_case_rows(outputs, methods),
                ["case", "method", *CASE_KEYS, *CASE_CLASSIFIER_KEYS])
     write_summary(out, summary)
     _plot_gallery(out / "gallery.png", outputs, methods)
