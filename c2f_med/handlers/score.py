@@ -10,7 +10,6 @@ computes them on the model's input grid).
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
-from c2f_med.atomic import atomic_path
+from c2f_med.atomic import write_csv
 from c2f_med.case import case_scores
 from c2f_med.handlers.explain import case_ids
 from c2f_med.metrics.localisation import threshold_mean
@@ -172,8 +171,8 @@ class LesionScoreHandler:
                             n_boot=self.n_boot)
         write_summary(self.output_dir, summary)
         if self.save_details:
-            _write_csv(self.output_dir / "per_slice.csv", rows, PER_SLICE_COLUMNS)
-            _write_csv(self.output_dir / "per_case.csv", _per_case_rows(cases, rows), PER_CASE_COLUMNS)
+            write_csv(self.output_dir / "per_slice.csv", rows, PER_SLICE_COLUMNS)
+            write_csv(self.output_dir / "per_case.csv", _per_case_rows(cases, rows), PER_CASE_COLUMNS)
 
 
 def _per_case_rows(cases: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -188,16 +187,3 @@ def _per_case_rows(cases: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[st
                     **{f"volume_{k}": c["scores"]["volume"][k] for k in LOCALISATION_KEYS}})
     return out
 
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
-    """CSV with ``columns`` (NaN / None as an empty cell, floats to 6 significant digits), atomically."""
-
-    def cell(value: Any) -> Any:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        return f"{value:.6g}" if isinstance(value, float) else value
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({k: cell(r.get(k)) for k in columns} for r in rows)
