@@ -75,12 +75,12 @@ def _curriculum(cfg: TrainConfig, step: int) -> dict[str, tuple[float, float]]:
     return {"diameter_mm": (d_min, cfg.diameter_mm[1]), "contrast": (c_min, cfg.contrast[1])}
 
 
-def _balanced(images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, n: int) -> Iterator[int]:
-    """Indices of up to ``n`` positive and as many negative slices, shuffled."""
+def _balanced(labels: torch.Tensor, rng: np.random.Generator, half: int) -> list[int]:
+    """Shuffled indices of ``half`` positive and ``half`` negative slices (with replacement only
+    when a class has fewer than ``half`` slices)."""
     pos, neg = np.flatnonzero(labels.numpy() == 1), np.flatnonzero(labels.numpy() == 0)
-    k = min(n, len(pos), len(neg)) if len(pos) else 0
-    picks = np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, k, replace=False)]) if k else []
-    return iter(rng.permutation(picks).tolist())
+    picks = [rng.choice(c, half, replace=len(c) < half) for c in (pos, neg)]
+    return rng.permutation(np.concatenate(picks)).tolist()
 
 
 def slice_dataset(image: torch.Tensor, label: torch.Tensor | None, size: int, axis: int = 2):
@@ -181,11 +181,7 @@ class DatalistSlices(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = np.random.default_rng(self.cfg.seed)
         while True:
-            idx = list(_balanced(self.x, self.y, rng, self.cfg.batch_size // 2))
-            if len(idx) < self.cfg.batch_size:  # few positives: sample with replacement
-                pos, neg = np.flatnonzero(self.y.numpy() == 1), np.flatnonzero(self.y.numpy() == 0)
-                half = self.cfg.batch_size // 2
-                idx = rng.permutation(np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])).tolist()
+            idx = _balanced(self.y, rng, self.cfg.batch_size // 2)
             images, masks = augment(self.x[idx], rng, self.m[idx])
             yield {"image": images, "label": self.y[idx], "mask": masks}
 
