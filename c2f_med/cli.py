@@ -1,4 +1,4 @@
-"""The ``c2f-med`` command: synth, train, explain, evaluate, bench, audit.
+"""The ``c2f-med`` command: synth, train, explain, evaluate, search, bench, audit.
 
 Bad input exits with status 2 and one line ``c2f-med: error: <file>: <problem>`` on stderr, never
 a traceback; nothing is written inside the inputs.
@@ -75,6 +75,15 @@ def _evaluate(a: argparse.Namespace) -> None:
                  workers=a.workers, params=parse_params(a.param), section=a.section, device=a.device)
 
 
+def _search(a: argparse.Namespace) -> None:
+    from c2f_med.search import run_search
+
+    _check_out(a.out, a.datalist)
+    report = run_search(a.bundle, a.datalist, a.out, variants=[v for v in (a.variants or "").split(",") if v] or None,
+                        section=a.section, limit=a.limit, device=a.device)
+    print(f"selected variant: {report['selection']['selected']} ({a.out / 'search.md'})")
+
+
 def _bench(a: argparse.Namespace) -> None:
     from c2f_med.bench import run_bench
 
@@ -113,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="c2f-med", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
 
-    def bundle_args(s: argparse.ArgumentParser) -> None:
-        from c2f_med.models.bundle import DEFAULT_BUNDLE
+    from c2f_med.models.bundle import DEFAULT_BUNDLE
 
+    def bundle_args(s: argparse.ArgumentParser) -> None:
         s.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="MONAI bundle folder")
         s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
         s.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
@@ -162,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--workers", type=int, default=1, help="worker processes")
     v.add_argument("--section", default="testing", help="datalist section to evaluate")
     v.set_defaults(func=_evaluate)
+
+    r = sub.add_parser("search", help="C2F design search: score named c2f variants and the baselines on validation data")
+    r.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="MONAI bundle folder")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    r.add_argument("--datalist", required=True, type=Path, action="append", help="repeatable")
+    r.add_argument("--variants", help="comma-separated names of c2f_med.search.VARIANTS (default: all)")
+    r.add_argument("--section", default="validation")
+    r.add_argument("--limit", type=int, help="only the first N cases of each datalist")
+    r.add_argument("--out", required=True, type=Path)
+    r.set_defaults(func=_search)
 
     b = sub.add_parser("bench", help="time every method on the same slices")
     bundle_args(b)

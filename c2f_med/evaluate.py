@@ -173,10 +173,12 @@ def evaluate_case(
     methods: Sequence[str],
     params: Mapping[str, Mapping[str, Any]] | None = None,
     on_method: Callable[[str], None] | None = None,
+    faithfulness: bool = True,
 ) -> CaseOutput:
     """Classify, explain and score one datalist item (``{"image", "label", "case_id"}``) with every method.
 
-    ``on_method(name)`` is called after each method (progress bars).
+    ``on_method(name)`` is called after each method (progress bars). ``faithfulness=False`` skips the
+    deletion / insertion curves (their AUCs are NaN): the design search scores localisation only.
     """
     params = params or {}
     case = item["case_id"]
@@ -217,9 +219,9 @@ def evaluate_case(
             i = record["index"]
             s, m = saliency[i], masks[i]
             lesion_maps[method][i] = display_slice(volume_map, i, AXIS).copy()
-            faith = {}
-            for mode, baseline in (("deletion", FAITHFULNESS["deletion_baseline"]),
-                                   ("insertion", FAITHFULNESS["insertion_baseline"])):
+            faith = {"deletion_auc": math.nan, "insertion_auc": math.nan}
+            modes = (("deletion", FAITHFULNESS["deletion_baseline"]), ("insertion", FAITHFULNESS["insertion_baseline"]))
+            for mode, baseline in modes if faithfulness else ():
                 fractions, probs = perturbation_curve(inputs[i], result.model_grid_maps[i].numpy(), predict, mode=mode,
                                                       baseline=baseline, steps=FAITHFULNESS["steps"],
                                                       blur_sigma=FAITHFULNESS["blur_sigma"])

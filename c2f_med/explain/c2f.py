@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from c2f_med.explain.af import fine_map, patch_relation
+from c2f_med.explain.af import fine_map, relation_matrix, rows_normalised
 from c2f_med.explain.attention import minmax, targets_for
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
 from c2f_med.explain.perturb import MaskRequest, causal_probabilities, class_probability
-from c2f_med.explain.s3wm import BND, decide, evaluation, sharpen, three_way
+from c2f_med.explain.s3wm import BND, decide, evaluation, normaliser, sharpen, three_way
 from c2f_med.explain.vitcx import MaskScoringParams, causal_scores, coverage_map, mask_requests, perturbation_of, slice_masks
 
 __all__ = ["C2F", "SPEC_FIRST_DEFAULTS"]
@@ -36,11 +36,14 @@ SPEC_FIRST_DEFAULTS = {
     "beta2": 0.4,
     "gamma3": 0.5,
     "k_min": 5,
+    "evaluation": "pc",
+    "sharpen_accepted": False,
     "af": True,
     "relation": "gae",
     "l0": 1,
     "refine": "gate",
     "mix_lambda": 1.0,
+    "importance": "cosine",
 }
 
 
@@ -82,10 +85,13 @@ class C2F(Explainer):
         beta2: float = 0.4  #: level-2 reject threshold on e'_k
         gamma3: float = 0.5  #: level-3 two-way threshold on (e_k + e'_k) / 2
         k_min: int = 5  #: fewest accepted masks; the fallback adds the best by level-1 e_k
+        evaluation: str = "pc"  #: e_k = clip(S_k / Z, 0, 1) with Z = p_c(x) ("pc") or max_j S_j ("best")
+        sharpen_accepted: bool = False  #: band removal for every accepted mask (M'_k with its level-1 S_k)
         af: bool = True  #: Step 3's attention fusion (False: the coarse map is the output)
         relation: str = "gae"  #: "gae" | "rollout-last" | "rollout-all" (c2f_med.explain.af)
         l0: int = 1  #: first layer (1-based) of the relation; 1 = all layers
         refine: str = "gate"  #: "gate" | "propagate" | "mix" (c2f_med.explain.af)
+        importance: str = "cosine"  #: patch importance of "gate": "cosine" | "contrast" | "cls" (c2f_med.explain.af)
         mix_lambda: float = 1.0  #: weight of up(P s) in refine="mix"
 
     def _explain(self, x: torch.Tensor, target: torch.Tensor | int | None) -> Explanation:
@@ -114,8 +120,9 @@ class C2F(Explainer):
             records = [_record(len(m), 2 * len(m), None, len(m)) for m in masks]
         # Step 3
         if prm.af:
-            relation = patch_relation(out.attentions, out.attention_grads, prm.relation, prm.l0)
-            maps = fine_map(coarse, relation, self.model.grid, self.model.patch_size, prm.refine, prm.mix_lambda)
+            r = relation_matrix(out.attentions, out.attention_grads, prm.relation, prm.l0)  # B x T x T
+            maps = fine_map(coarse, rows_normalised(r), self.model.grid, self.model.patch_size, prm.refine,
+                            prm.mix_lambda, prm.importance, r[:, 0, 1:])
         else:
             maps = coarse
         step0 = 1 + (1 if find_forward else 0)  # per slice: the clean pass (and the class search)
@@ -140,11 +147,10 @@ class C2F(Explainer):
         if prm.costaware:
             (p_tilde,) = causal_probabilities(self.model, x, t, requests, prm.batch_size, images=("tilde",))
             scores1 = p_tilde.split(counts)  # S_k = p_c(x~_k) until x^_k is scored
-            cheap = [evaluation(pt, p) for pt, p in zip(scores1, p_clean)]
-            regions1 = [three_way(e, prm.alpha1, prm.beta1) for e in cheap]
         else:
             scores1 = causal_scores(self.model, x, t, p_clean, requests, prm.batch_size).split(counts)
-            regions1 = [three_way(evaluation(s, p), prm.alpha1, prm.beta1) for s, p in zip(scores1, p_clean)]
+        z = [normaliser(s, p, prm.evaluation) for s, p in zip(scores1, p_clean)]  # per slice, from level 1
+        regions1 = [three_way(evaluation(s, zi), prm.alpha1, prm.beta1) for s, zi in zip(scores1, z)]
         bnd = [torch.nonzero(r == BND).flatten().tolist() for r in regions1]
         if prm.costaware:  # the full causal score of the BND1 masks: S_k = p_c(x~_k) - p_c(x^_k) + p_c(x)
             pairs = [(i, k) for i, ks in enumerate(bnd) for k in ks]
@@ -159,14 +165,17 @@ class C2F(Explainer):
         scores2 = causal_scores(self.model, x, t, p_clean, level2, prm.batch_size).split([len(ks) for ks in bnd])
         maps, records = [], []
         for i, m in enumerate(masks):
-            e1 = evaluation(scores1[i], p_clean[i])
+            e1 = evaluation(scores1[i], z[i])
             e2 = torch.full_like(e1, float("nan"))
-            e2[bnd[i]] = evaluation(scores2[i], p_clean[i])
+            e2[bnd[i]] = evaluation(scores2[i], z[i])
             d = decide(e1, e2, prm.alpha1, prm.beta1, prm.alpha2, prm.beta2, prm.gamma3, prm.k_min, region1=regions1[i])
             chosen_masks, chosen_scores = m.clone(), scores1[i].clone()
             for j, k in enumerate(bnd[i]):
                 if d.sharpened[k]:
                     chosen_masks[k], chosen_scores[k] = sharp[i][j], scores2[i][j]
+            if prm.sharpen_accepted:  # the band of masks accepted as they were goes too (scores kept)
+                plain = d.gate & ~d.sharpened
+                chosen_masks[plain] = sharpen(m[plain], prm.sharpen_a)
             maps.append(coverage_map(chosen_scores[d.gate], chosen_masks[d.gate], coverage=m.sum(0)))
             forward = (1 if prm.costaware else 2) * counts[i] + (3 if prm.costaware else 2) * len(bnd[i])
             records.append(_record(counts[i], forward, d.counts, int(d.gate.sum())))

@@ -5,7 +5,12 @@ does the forward passes.
 
 Evaluation function (the conditional probability that mask ``k`` supports class ``c``)::
 
-    e_k = clip(S_k / p_c(x), 0, 1)
+    e_k = clip(S_k / Z, 0, 1)
+
+with the normaliser ``Z`` (:func:`normaliser`) either ``p_c(x)`` (``"pc"``, the spec's first
+choice) or the slice's best level-1 score ``max_j S_j`` (``"best"``): when ``p_c(x)`` is near 1,
+masks score near 0 or near ``p_c`` and ``e`` is bimodal; relative to the best mask, ``e`` spreads
+over [0, 1] and the boundary region is populated.
 
 Level 1 (the mask as it is): ``POS1 = {e_k >= alpha1}``, ``NEG1 = {e_k <= beta1}``, ``BND1`` the rest.
 Level 2 (only ``BND1``): the sharpened mask ``M'_k = M_k [M_k >= a]`` is re-scored to ``e'_k``;
@@ -28,10 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["POS", "NEG", "BND", "yao_thresholds", "evaluation", "sharpen", "three_way", "decide", "Decision"]
+__all__ = ["POS", "NEG", "BND", "REFERENCES", "yao_thresholds", "normaliser", "evaluation", "sharpen", "three_way", "decide", "Decision"]
 
 #: region labels of :func:`three_way`
 POS, NEG, BND = 1, -1, 0
+#: what the evaluation function divides by (:func:`normaliser`)
+REFERENCES = ("pc", "best")
 
 
 def yao_thresholds(
@@ -58,13 +65,24 @@ def yao_thresholds(
     return alpha, beta
 
 
-def evaluation(scores: torch.Tensor, p_clean: float | torch.Tensor) -> torch.Tensor:
-    """``e = clip(S / p_c(x), 0, 1)`` for ``K`` scores (``p_c(x) = 0`` gives 0)."""
+def normaliser(scores: torch.Tensor, p_clean: float | torch.Tensor, reference: str = "pc") -> torch.Tensor:
+    """``Z`` of the evaluation function for one slice: ``p_c(x)`` (``"pc"``) or ``max_k S_k`` (``"best"``, of the
+    ``K`` level-1 scores; an empty or non-positive maximum gives 0, hence ``e = 0``)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown evaluation reference {reference!r}; choose from {REFERENCES}")
     scores = torch.as_tensor(scores, dtype=torch.float32)
-    p = torch.as_tensor(p_clean, dtype=scores.dtype)
-    if p <= 0:
+    if reference == "pc":
+        return torch.as_tensor(p_clean, dtype=scores.dtype)
+    return scores.max().clamp(min=0) if scores.numel() else torch.zeros((), dtype=scores.dtype)
+
+
+def evaluation(scores: torch.Tensor, z: float | torch.Tensor) -> torch.Tensor:
+    """``e = clip(S / Z, 0, 1)`` for ``K`` scores (``Z = 0`` gives 0); ``Z`` from :func:`normaliser`."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    z = torch.as_tensor(z, dtype=scores.dtype)
+    if z <= 0:
         return torch.zeros_like(scores)
-    return (scores / p).clamp(0.0, 1.0)
+    return (scores / z).clamp(0.0, 1.0)
 
 
 def sharpen(masks: torch.Tensor, a: float) -> torch.Tensor:

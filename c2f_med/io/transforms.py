@@ -264,16 +264,27 @@ class CTWindow(Transform):
 
 
 class MRPercentileNorm(Transform):
-    """MR normalisation: the ``lower``..``upper`` percentiles of the nonzero voxels map to [0, 1], clipped.
+    """MR normalisation: the ``lower``..``upper`` percentiles of the nonzero voxels map to ``[0, top]``,
+    then everything is clipped to [0, 1].
 
-    ``p_lo, p_hi = percentile(img[img != 0], (lower, upper))``; ``out = clip((img - p_lo) / (p_hi - p_lo), 0, 1)``.
-    If the two percentiles coincide, the image's min and max are used instead.
+    ``p_lo, p_hi = percentile(img[img != 0], (lower, upper))``;
+    ``out = clip(top * (img - p_lo) / (p_hi - p_lo), 0, 1)``. If the two percentiles coincide, the
+    image's min and max are used instead.
+
+    ``top < 1`` leaves headroom above the upper percentile: voxels up to ``(1 / top - 1)`` of the
+    percentile range brighter than ``p_hi`` keep their contrast. With ``top = 1`` (plain percentile
+    scaling) a hyperintense lesion - a few hundredths of a percent of the voxels, so above
+    ``p_hi`` - is clipped to the brightest tissue's value and looks like it (an FLAIR lesion like
+    grey matter, a T1 one like white matter). The default ``top = 2/3`` keeps lesions up to half the
+    percentile range brighter than ``p_hi``.
     """
 
-    def __init__(self, lower: float = 0.5, upper: float = 99.5):
+    def __init__(self, lower: float = 0.5, upper: float = 99.5, top: float = 2 / 3):
         if not 0.0 <= lower < upper <= 100.0:
             raise ValueError(f"need 0 <= lower < upper <= 100, got {lower}, {upper}")
-        self.lower, self.upper = lower, upper
+        if not 0.0 < top <= 1.0:
+            raise ValueError(f"need 0 < top <= 1, got {top}")
+        self.lower, self.upper, self.top = lower, upper, top
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         values = torch.as_tensor(img).detach().cpu().numpy().ravel()
@@ -281,9 +292,9 @@ class MRPercentileNorm(Transform):
         lo, hi = np.percentile(nonzero if nonzero.size else values, (self.lower, self.upper))
         if hi <= lo:
             lo, hi = values.min(), values.max()
-        out = ScaleIntensityRange(float(lo), float(hi), 0.0, 1.0, clip=True)(img)
+        out = ScaleIntensityRange(float(lo), float(hi), 0.0, self.top, clip=False)(img).clamp(0.0, 1.0)
         if isinstance(out, MetaTensor):
-            out.meta["intensity_preset"] = f"mr_percentiles(lower={self.lower:g}, upper={self.upper:g})"
+            out.meta["intensity_preset"] = f"mr_percentiles(lower={self.lower:g}, upper={self.upper:g}, top={self.top:.4g})"
         return out
 
 

@@ -182,3 +182,27 @@ def test_zero_coarse_map_stays_zero(toy):
     attn, grads, _ = toy
     fine = fine_map(torch.zeros(1, *SIZE, dtype=torch.float64), patch_relation(_t(attn), _t(grads)), GRID, P_SIZE)
     assert torch.all(fine == 0)
+
+
+def test_contrast_and_cls_importance_match_hand(toy):
+    attn, grads, coarse = toy
+    r_hand = hand_gae_relation(attn, grads)
+    p_hand = hand_patch_rows(r_hand)
+    s_hand = hand_pool(coarse)
+    cos = lambda a, b: np.dot(a, b) / (np.sqrt(np.dot(a, a)) * np.sqrt(np.dot(b, b)))  # noqa: E731
+    f = sum(s_hand[j] * p_hand[j] for j in range(N)) / s_hand.sum()
+    w = 1 - s_hand / s_hand.max()
+    g = sum(w[j] * p_hand[j] for j in range(N)) / w.sum()
+    want = hand_minmax(np.array([cos(p_hand[i], f) - cos(p_hand[i], g) for i in range(N)]))
+    p, s = torch.tensor(p_hand[None]), torch.tensor(s_hand[None])
+    np.testing.assert_allclose(patch_importance(p, s, "contrast")[0].numpy(), want, atol=1e-12)
+
+    cls_row = torch.tensor(r_hand[None, 0, 1:])
+    np.testing.assert_allclose(patch_importance(p, s, "cls", cls_row)[0].numpy(), hand_minmax(r_hand[0, 1:]), atol=1e-12)
+    fine = fine_map(torch.tensor(coarse[None]), p, GRID, P_SIZE, importance="cls", cls_row=cls_row)[0].numpy()
+    np.testing.assert_allclose(fine, hand_minmax(coarse * hand_bilinear(hand_minmax(r_hand[0, 1:]).reshape(GRID))),
+                               atol=1e-10)
+    with pytest.raises(ValueError, match="CLS row"):
+        patch_importance(p, s, "cls")
+    with pytest.raises(ValueError, match="unknown importance"):
+        patch_importance(p, s, "prototype")

@@ -148,3 +148,30 @@ def test_first_defaults_are_pinned(model):
     assert set(SPEC_FIRST_DEFAULTS) == fields - {"batch_size", "seed"}  # every algorithm constant pinned
     first = create("c2f-first", model).param_dict()
     assert all(first[k] == v for k, v in SPEC_FIRST_DEFAULTS.items())
+
+
+def test_sharpen_accepted_removes_the_band_of_every_accepted_mask(model, slices):
+    from c2f_med.explain.attention import minmax
+    from c2f_med.explain.perturb import class_probability
+    from c2f_med.explain.s3wm import sharpen
+    from c2f_med.explain.vitcx import causal_scores, coverage_map, mask_requests, perturbation_of, slice_masks
+
+    e = create("c2f", model, af=False, alpha1=0.0, beta1=-1.0, sharpen_accepted=True)  # every mask POS1
+    got = e.explain(slices, target=1).saliency
+    with torch.inference_mode():
+        out = model.run(slices, tokens=True)
+    t = torch.ones(len(slices), dtype=torch.long)
+    p = class_probability(out.logits, t)
+    masks = slice_masks(model, out, e.params.delta)
+    base = [perturbation_of(e.params).baselines(xs, len(m)) for xs, m in zip(slices, masks)]
+    scores = causal_scores(model, slices, t, p, mask_requests(masks, base), 64).split([len(m) for m in masks])
+    want = minmax(torch.stack([coverage_map(s, sharpen(m, e.params.sharpen_a), coverage=m.sum(0))
+                               for s, m in zip(scores, masks)]))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, create("vitcx", model).explain(slices, target=1).saliency)
+
+
+def test_best_evaluation_accepts_the_best_mask(model, slices):
+    # relative to the best mask, that mask has e = 1 and is always POS1 (its score is positive here)
+    best = create("c2f", model, af=False, evaluation="best", k_min=0).explain(slices, target=1).records
+    assert all(b["pos1"] >= 1 and b["accepted"] >= b["pos1"] for b in best)

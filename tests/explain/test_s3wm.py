@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from c2f_med.explain.s3wm import BND, NEG, POS, decide, evaluation, sharpen, three_way, yao_thresholds
+from c2f_med.explain.s3wm import BND, NEG, POS, decide, evaluation, normaliser, sharpen, three_way, yao_thresholds
 
 NAN = float("nan")
 
@@ -41,6 +41,16 @@ def test_evaluation_clips_ratio():
     e = evaluation(torch.tensor([-0.1, 0.2, 0.5, 0.9]), 0.5)
     assert torch.allclose(e, torch.tensor([0.0, 0.4, 1.0, 1.0]))
     assert torch.all(evaluation(torch.tensor([0.3, 0.1]), 0.0) == 0)
+
+
+def test_normaliser_pc_or_best_score():
+    scores = torch.tensor([0.1, 0.4, 0.2])
+    assert float(normaliser(scores, 0.9, "pc")) == pytest.approx(0.9)
+    assert float(normaliser(scores, 0.9, "best")) == pytest.approx(0.4)
+    assert torch.allclose(evaluation(scores, normaliser(scores, 0.9, "best")), torch.tensor([0.25, 1.0, 0.5]))
+    assert float(normaliser(torch.tensor([-0.2, -0.1]), 0.9, "best")) == 0.0  # no supporting mask: e = 0
+    with pytest.raises(ValueError, match="unknown evaluation reference"):
+        normaliser(scores, 0.9, "mean")
 
 
 def test_three_way_regions_and_boundaries():
