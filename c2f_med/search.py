@@ -34,54 +34,61 @@ from tqdm.auto import tqdm
 
 from c2f_med.atomic import write_csv, write_json, write_text
 from c2f_med.errors import InputError
+from c2f_med.explain.c2f import SPEC_FIRST_DEFAULTS
 from c2f_med.evaluate import PER_SLICE_HEAD, check_methods, evaluate_case, warm_up
 from c2f_med.io.manifest import read_datalist
 from c2f_med.models.bundle import load_bundle
 from c2f_med.provenance import provenance
 from c2f_med.summary import aggregate
 
-__all__ = ["BASELINES", "VARIANTS", "run_search", "select"]
+__all__ = ["BASELINES", "VARIANTS", "variant_params", "run_search", "select"]
 
 logger = logging.getLogger(__name__)
 
 #: the compared methods (no parameter changes)
 BASELINES = ("attention", "rollout", "gae", "gradcam", "gradcam-attn", "vitcx", "vitcx-sq", "occlusion")
 
-#: C2F variants: name -> parameter overrides of the registered ``c2f`` (the first block changes one
-#: design choice of the spec's first defaults; the second combines choices)
+#: C2F variants: name -> overrides of the spec's first defaults (``c2f-first``,
+#: :data:`~c2f_med.explain.c2f.SPEC_FIRST_DEFAULTS`), so a variant means the same whatever ``c2f``'s
+#: shipped defaults are. The first blocks change one design choice; the last combines choices.
 VARIANTS: dict[str, dict[str, Any]] = {
-    # the reconstruction's first defaults and the current c2f defaults
-    "first": {"relation": "rollout-all"},
-    "gae": {},
+    # the spec's first defaults and the two ablations
+    "first": {},
     "noS3WM": {"s3wm": False},
     "noAF": {"af": False},
-    # S3WM: evaluation function, band removal, cost-aware sequence, thresholds
+    # S3WM: evaluation function, band removal, granularity, cost-aware sequence, thresholds
     "best": {"evaluation": "best"},
-    "costaware": {"costaware": True},
-    "best-costaware": {"evaluation": "best", "costaware": True},
+    "best-wide": {"evaluation": "best", "alpha1": 0.8, "beta1": 0.2},
     "sharpen-all": {"sharpen_accepted": True},
     "best-sharpen-all": {"evaluation": "best", "sharpen_accepted": True},
-    "best-wide": {"evaluation": "best", "alpha1": 0.8, "beta1": 0.2},
-    "best-narrow": {"evaluation": "best", "alpha1": 0.6, "beta1": 0.4},
-    # AF: relation, layers, importance, refinement
+    "split": {"granularity": "split"},
+    "best-split": {"evaluation": "best", "granularity": "split"},
+    "costaware": {"costaware": True},
+    "best-costaware": {"evaluation": "best", "costaware": True},
+    "best-costaware-split": {"evaluation": "best", "costaware": True, "granularity": "split"},
+    # AF: relation, layers, patch importance, refinement
     "rollout-last": {"relation": "rollout-last"},
+    "rollout-all": {"relation": "rollout-all"},
     "gae-last3": {"l0": 4},
     "contrast": {"importance": "contrast"},
     "cls": {"importance": "cls"},
     "rollout-last-cls": {"relation": "rollout-last", "importance": "cls"},
     "propagate": {"refine": "propagate"},
-    "mix": {"refine": "mix"},
-    # combinations
+    # combinations of the cheap sequence with the AF choices
     "best-costaware-contrast": {"evaluation": "best", "costaware": True, "importance": "contrast"},
     "best-costaware-cls": {"evaluation": "best", "costaware": True, "importance": "cls"},
     "best-costaware-sharpen-all": {"evaluation": "best", "costaware": True, "sharpen_accepted": True},
     "best-costaware-rollout-last": {"evaluation": "best", "costaware": True, "relation": "rollout-last"},
-    "costaware-cls": {"costaware": True, "importance": "cls"},
-    "costaware-contrast": {"costaware": True, "importance": "contrast"},
+    "best-costaware-split-cls": {"evaluation": "best", "costaware": True, "granularity": "split", "importance": "cls"},
 }
 
 RULE = ("among c2f variants with validation mIoU >= the best baseline's and cost (forward + 2 x backward passes "
         "per slice) <= vitcx's, the highest (AP + iou_topk) / 2")
+
+
+def variant_params(name: str) -> dict[str, Any]:
+    """The full ``c2f`` parameter set of variant ``name``: the spec's first defaults with its overrides."""
+    return {**SPEC_FIRST_DEFAULTS, **VARIANTS[name]}
 
 
 def _cost(summary: Mapping[str, Any]) -> float:
@@ -132,7 +139,7 @@ def run_search(
             raise InputError(datalist, f'the "{section}" list is empty or has items without a "label"')
         items += part
     bundle = load_bundle(bundle_dir, device)
-    runs = [(b, b, {}) for b in baselines] + [(n, "c2f", VARIANTS[n]) for n in names]
+    runs = [(b, b, {}) for b in baselines] + [(n, "c2f", variant_params(n)) for n in names]
     used = {name: check_methods(bundle, [method], {method: params})[method] for name, method, params in runs}
     warm_up(bundle, sorted({method for _, method, _ in runs}))
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from c2f_med.atomic import write_json, write_text
-from c2f_med.metrics.bootstrap import bootstrap_ci, paired_bootstrap
+from c2f_med.metrics.bootstrap import bootstrap_ci, paired_bootstrap, paired_bootstrap_miou
 from c2f_med.metrics.localisation import IoUAccumulator, pixel_auroc
 
 __all__ = [
@@ -158,7 +158,10 @@ def _paired(rows: Sequence[Mapping[str, Any]], a: str, b: str, n_boot: int, seed
     by = {m: {(r["case"], int(r["slice"])): r for r in rows if r["method"] == m} for m in (a, b)}
     common = [key for key in by[a] if key in by[b]]
     ra, rb = [by[a][k] for k in common], [by[b][k] for k in common]
-    return {k: paired_bootstrap(_values(ra, k), _values(rb, k), n=n_boot, seed=seed) for k in CI_KEYS}
+    out = {k: paired_bootstrap(_values(ra, k), _values(rb, k), n=n_boot, seed=seed) for k in CI_KEYS}
+    counts = [np.array([[float(r[k]) for k in IOU_COUNT_KEYS] for r in rs]).reshape(-1, 4) for rs in (ra, rb)]
+    out["miou"] = paired_bootstrap_miou(*counts, n=n_boot, seed=seed)
+    return out
 
 
 def summarise(
@@ -191,7 +194,7 @@ def summarise(
         ``dice_topk``, ``backward_passes_per_slice``, ``not_applicable`` counts per score,
         ``ci95`` bootstrap CIs of AP and IoU top-k, and ``records``: mean S3WM decision counts when
         the method records them); plus ``comparisons``: ``{"c2f - <m>": {"ap": paired bootstrap,
-        "iou_topk": ...}}`` when c2f is among the methods.
+        "iou_topk": ..., "miou": paired bootstrap of the dataset mIoU}}`` when c2f is among the methods.
     """
     order = list(methods) if methods is not None else list(dict.fromkeys(r["method"] for r in rows))
     per_method = {m: [r for r in rows if r["method"] == m] for m in order}
@@ -274,11 +277,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
     comparisons = summary.get("comparisons") or {}
     if comparisons:
         lines += ["", f"## Paired bootstrap, {REFERENCE_METHOD} minus each method (95% CI over lesion slices)", "",
-                  "| comparison | Δ AP [95% CI] | p | Δ IoU top-k [95% CI] | p | pairs |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| comparison | Δ AP [95% CI] | p | Δ IoU top-k [95% CI] | p | Δ mIoU [95% CI] | p | pairs |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for name, c in comparisons.items():
             cells = [name]
-            for key in CI_KEYS:
+            for key in (*CI_KEYS, "miou"):
                 d = c[key]
                 cells += [f"{_fmt(d['mean_diff'], key)} [{_fmt(d['low'], key)}, {_fmt(d['high'], key)}]",
                           _fmt(d["p_value"], key)]

@@ -11,7 +11,8 @@ import pytest
 
 from c2f_med.errors import InputError
 from c2f_med.evaluate import run_evaluate
-from c2f_med.search import VARIANTS, run_search, select
+from c2f_med.explain import create
+from c2f_med.search import VARIANTS, run_search, select, variant_params
 
 
 def _result(method, ap, topk, miou, fwd, bwd=0.0):
@@ -47,9 +48,12 @@ def test_every_variant_is_a_valid_c2f_parameter_set(tiny_bundle):
     from c2f_med.models.bundle import load_bundle
 
     bundle = load_bundle(tiny_bundle)
-    for name, params in VARIANTS.items():
+    for name in VARIANTS:
+        params = variant_params(name)
         used = check_methods(bundle, ["c2f"], {"c2f": params})["c2f"]
         assert all(used[k] == v for k, v in params.items()), name
+    first = create("c2f-first", bundle.model).param_dict()
+    assert variant_params("first") == {k: v for k, v in first.items() if k not in ("batch_size", "seed")}
 
 
 def test_search_end_to_end_matches_evaluate(tiny_bundle, tiny_datalist, tmp_path):
@@ -64,7 +68,7 @@ def test_search_end_to_end_matches_evaluate(tiny_bundle, tiny_datalist, tmp_path
         rows = list(csv.DictReader(fh))
     assert {r["variant"] for r in rows} == set(report["results"])
     # the same variant through c2f-med evaluate's path gives the same scores
-    summary = run_evaluate(tiny_bundle, tiny_datalist, ["c2f"], tmp_path / "e", params={"c2f": VARIANTS["best-costaware"]},
+    summary = run_evaluate(tiny_bundle, tiny_datalist, ["c2f"], tmp_path / "e", params={"c2f": variant_params("best-costaware")},
                            progress=False)
     got = report["results"]["best-costaware"]
     for key in ("ap", "iou_topk", "miou", "forward_passes_per_slice"):

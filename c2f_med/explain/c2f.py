@@ -16,7 +16,8 @@ from c2f_med.explain.af import fine_map, relation_matrix, rows_normalised
 from c2f_med.explain.attention import minmax, targets_for
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
 from c2f_med.explain.perturb import MaskRequest, causal_probabilities, class_probability
-from c2f_med.explain.s3wm import BND, decide, evaluation, normaliser, sharpen, three_way
+from c2f_med.explain.masks import nested_token_masks
+from c2f_med.explain.s3wm import BND, decide, decide_split, evaluation, normaliser, sharpen, three_way
 from c2f_med.explain.vitcx import MaskScoringParams, causal_scores, coverage_map, mask_requests, perturbation_of, slice_masks
 
 __all__ = ["C2F", "SPEC_FIRST_DEFAULTS"]
@@ -38,6 +39,8 @@ SPEC_FIRST_DEFAULTS = {
     "k_min": 5,
     "evaluation": "pc",
     "sharpen_accepted": False,
+    "granularity": "band",
+    "coarse_delta": 0.3,
     "af": True,
     "relation": "gae",
     "l0": 1,
@@ -51,33 +54,48 @@ SPEC_FIRST_DEFAULTS = {
 @register("c2f-first", SPEC_FIRST_DEFAULTS)
 @register("c2f-noS3WM", {"s3wm": False})
 @register("c2f-noAF", {"af": False})
-@register("c2f-costaware", {"costaware": True})
 class C2F(Explainer):
-    """C2F-Explainer (Ding et al., TKDE 2024), as reconstructed in the project's spec.
+    """C2F-Explainer (Ding et al., TKDE 2024), as reconstructed in the project's spec; the defaults are
+    the design search's selection (``c2f_med.search``, variant ``best-costaware-split-cls``).
 
     Step 0: one pass ``model.run(x, tokens=True, attentions=af, target=c if relation == "gae")``
     gives ``F``, ``A^l``, ``p_c(x)`` and ``dy_c/dA^l``; nothing is recomputed.
-    Step 1: ``K`` masks ``M_k`` (ViT-CX).
-    Step 2 (S3WM): ``S_k = p_c(x~_k) - p_c(x^_k) + p_c(x)``, ``e_k = clip(S_k / p_c(x), 0, 1)``;
-    sequential three-way decisions give gates ``g_k`` and the mask/score ``(M*_k, S*_k)`` of each
-    accepted mask; ``E_c(u) = minmax(sum_k g_k S*_k M*_k(u) / sum_j M_j(u))``.
-    Variant ``costaware``: level 1 decides on ``clip(p_c(x~_k) / p_c(x), 0, 1)`` (one forward per
-    mask); only ``BND1`` masks get ``x^_k`` (their full causal ``S_k`` and ``e_k``, used by level 3
-    and the fallback) and level 2. Masks without ``x^_k`` enter the map with ``S_k = p_c(x~_k)``.
-    Step 3 (AF): ``E_f = minmax(E_c * up(t))``, ``t_i = cos(P[i, :], f)`` with ``P`` the cross-layer
-    patch relation and ``f`` its prototype weighted by the pooled ``E_c``.
-    ``s3wm=False`` sets every ``g_k = 1``; ``af=False`` returns ``E_c``; both off is ViT-CX exactly.
+    Step 1: the last layer's ``D`` feature maps clustered once (cosine distance, complete linkage);
+    the tree cut at ``coarse_delta = 0.3`` gives the ``K`` level-1 masks ``M_k``, cut at
+    ``delta = 0.1`` (ViT-CX's masks) the finer sub-masks ``M_kj`` inside each ``M_k``.
+    Step 2 (S3WM, cost-aware and coarse-to-fine):
+    level 1, one forward per mask: ``e_k = clip(p_c(x~_k) / Z, 0, 1)`` with ``Z = max_j p_c(x~_j)``
+    (relative to the best mask; ``x~_k = x M_k + e (1 - M_k)``, ``e`` Gaussian noise of std 0.1);
+    ``POS1 = {e_k >= 0.7}``, ``NEG1 = {e_k <= 0.3}``. Only ``BND1`` masks pay for the finer
+    evaluation: their full causal score ``S_k = p_c(x~_k) - p_c(x^_k) + p_c(x)`` and, at level 2,
+    the causal scores ``S_kj`` of their sub-masks, ``e_kj = clip(S_kj / Z, 0, 1)``, decided with
+    ``(0.6, 0.4)``; level 3 accepts a ``BND2`` sub-mask iff ``(e_k + e_kj) / 2 >= 0.5``; a ``BND1``
+    mask without sub-masks is decided on its own ``e_k`` there. If fewer than ``k_min = 5`` objects
+    are accepted, the best masks by ``e_k`` are added. Coarse map:
+    ``E_c(u) = minmax(sum_accepted S M(u) / sum_k M_k(u))`` (``S_k = p_c(x~_k)`` for masks accepted
+    at level 1, the causal score otherwise; coverage of the level-1 masks).
+    Step 3 (AF): ``R`` = Chefer's gradient-weighted additive relation over all layers
+    (``R <- R + E_h[(dy_c/dA^l * A^l)^+] R``); ``E_f = minmax(E_c * up(minmax(R[CLS, patches])))``.
 
-    Cost per slice (forward passes): ``1 + 2K + 2|BND1|`` (``costaware``: ``1 + K + 3|BND1|``), plus
-    one forward to find the predicted class when ``target`` is ``None`` and AF needs gradients; one
-    backward pass per slice with ``relation="gae"``. Records per slice: ``K``, ``pos1, neg1, bnd1,
-    pos2, neg2, bnd2, acc3, fallback`` (``None`` with ``s3wm=False``), ``accepted``, ``forward_passes``.
+    Other designs by name (``c2f_med.explain.s3wm``, ``c2f_med.explain.af``): ``evaluation="pc"``
+    (``Z = p_c(x)``), ``costaware=False`` (full causal score for every mask), ``granularity="band"``
+    (level 2 re-scores ``M'_k = M_k [M_k >= sharpen_a]``), ``sharpen_accepted``; AF ``relation``,
+    ``l0``, ``importance`` ("cosine" prototype, "contrast"), ``refine``. ``c2f-first`` pins the
+    spec's first defaults. ``s3wm=False`` sets every ``g_k = 1`` on ViT-CX's masks; ``af=False``
+    returns ``E_c``; both off is ViT-CX exactly.
+
+    Cost per slice (forward passes): defaults ``1 + K + |BND1| + 2 sum_{k in BND1} n_k``
+    (``n_k`` sub-masks); ``granularity="band"``: ``1 + 2K + 2|BND1|`` (cost-aware ``1 + K + 3|BND1|``);
+    plus one forward to find the predicted class when ``target`` is ``None`` and AF needs gradients;
+    one backward pass per slice with ``relation="gae"``. Records per slice: ``K``, ``pos1, neg1,
+    bnd1, pos2, neg2, bnd2, acc3, fallback`` (``None`` with ``s3wm=False``), ``accepted``,
+    ``forward_passes``.
     """
 
     @dataclass
     class Params(MaskScoringParams):
         s3wm: bool = True  #: Step 2's sequential three-way decisions (False: every g_k = 1, ViT-CX's map)
-        costaware: bool = False  #: level 1 on one forward per mask; full score and level 2 only for BND1
+        costaware: bool = True  #: level 1 on one forward per mask; full score and level 2 only for BND1
         alpha1: float = 0.7  #: level-1 accept threshold on e_k (Yao, losses 0 / 0.3 / 1)
         beta1: float = 0.3  #: level-1 reject threshold on e_k
         sharpen_a: float = 0.5  #: level-2 core threshold a: M'_k = M_k [M_k >= a]
@@ -85,13 +103,15 @@ class C2F(Explainer):
         beta2: float = 0.4  #: level-2 reject threshold on e'_k
         gamma3: float = 0.5  #: level-3 two-way threshold on (e_k + e'_k) / 2
         k_min: int = 5  #: fewest accepted masks; the fallback adds the best by level-1 e_k
-        evaluation: str = "pc"  #: e_k = clip(S_k / Z, 0, 1) with Z = p_c(x) ("pc") or max_j S_j ("best")
+        evaluation: str = "best"  #: e_k = clip(S_k / Z, 0, 1) with Z = p_c(x) ("pc") or max_j S_j ("best")
         sharpen_accepted: bool = False  #: band removal for every accepted mask (M'_k with its level-1 S_k)
+        granularity: str = "split"  #: level 2: "band" (M'_k, band removed) | "split" (finer sub-masks of BND1 masks)
+        coarse_delta: float = 0.3  #: "split": level-1 masks cut the clustering tree here; sub-masks at `delta`
         af: bool = True  #: Step 3's attention fusion (False: the coarse map is the output)
         relation: str = "gae"  #: "gae" | "rollout-last" | "rollout-all" (c2f_med.explain.af)
         l0: int = 1  #: first layer (1-based) of the relation; 1 = all layers
         refine: str = "gate"  #: "gate" | "propagate" | "mix" (c2f_med.explain.af)
-        importance: str = "cosine"  #: patch importance of "gate": "cosine" | "contrast" | "cls" (c2f_med.explain.af)
+        importance: str = "cls"  #: patch importance of "gate": "cosine" | "contrast" | "cls" (c2f_med.explain.af)
         mix_lambda: float = 1.0  #: weight of up(P s) in refine="mix"
 
     def _explain(self, x: torch.Tensor, target: torch.Tensor | int | None) -> Explanation:
@@ -107,13 +127,19 @@ class C2F(Explainer):
                 out = self.model.run(x, tokens=True, attentions=prm.af)
             t, find_forward = resolve_target(out.logits, target), 0
         p_clean = class_probability(out.logits, t)
-        # Step 1
-        masks = slice_masks(self.model, out, prm.delta)
+        # Step 1 (with granularity "split": coarser level-1 masks and their finer sub-masks)
+        children = None
+        if prm.s3wm and prm.granularity == "split":
+            nested = [nested_token_masks(tok, self.model.grid, self.model.input_size, prm.coarse_delta, prm.delta)
+                      for tok in out.tokens]
+            masks, children = [m for m, _ in nested], [c for _, c in nested]
+        else:
+            masks = slice_masks(self.model, out, prm.delta)
         perturbation = perturbation_of(prm)
         baselines = [perturbation.baselines(xs, len(m)) for xs, m in zip(x, masks)]
         # Step 2
         if prm.s3wm:
-            coarse, records = self._s3wm(x, t, p_clean, masks, baselines)
+            coarse, records = self._s3wm(x, t, p_clean, masks, baselines, children)
         else:
             scores = causal_scores(self.model, x, t, p_clean, mask_requests(masks, baselines), prm.batch_size)
             coarse = minmax(torch.stack([coverage_map(s, m) for s, m in zip(scores.split([len(m) for m in masks]), masks)]))
@@ -138,8 +164,10 @@ class C2F(Explainer):
         p_clean: torch.Tensor,
         masks: list[torch.Tensor],
         baselines: list[torch.Tensor],
+        children: list[list[torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, list[dict]]:
-        """Step 2 for the batch: coarse maps ``B x H x W`` and per-slice records (forwards without Step 0)."""
+        """Step 2 for the batch: coarse maps ``B x H x W`` and per-slice records (forwards without Step 0).
+        ``children[i][k]``: the sub-masks of mask ``k`` of slice ``i`` (granularity "split")."""
         prm = self.params
         counts = [len(m) for m in masks]
         requests = mask_requests(masks, baselines)
@@ -159,6 +187,8 @@ class C2F(Explainer):
             scores1 = [s.clone() for s in scores1]
             for (i, k), ph in zip(pairs, p_hat):
                 scores1[i][k] += p_clean[i] - ph
+        if children is not None:
+            return self._split_levels(x, t, p_clean, masks, baselines, children, scores1, z, regions1, bnd)
         # level 2: the sharpened BND1 masks, same perturbation e_k as their level-1 mask
         sharp = [sharpen(m[ks], prm.sharpen_a) for m, ks in zip(masks, bnd)]
         level2 = [MaskRequest(i, sharp[i][j], baselines[i][k]) for i, ks in enumerate(bnd) for j, k in enumerate(ks)]
@@ -179,6 +209,33 @@ class C2F(Explainer):
             maps.append(coverage_map(chosen_scores[d.gate], chosen_masks[d.gate], coverage=m.sum(0)))
             forward = (1 if prm.costaware else 2) * counts[i] + (3 if prm.costaware else 2) * len(bnd[i])
             records.append(_record(counts[i], forward, d.counts, int(d.gate.sum())))
+        return minmax(torch.stack(maps)), records
+
+    def _split_levels(self, x, t, p_clean, masks, baselines, children, scores1, z, regions1, bnd):
+        """Levels 2-3 with granularity "split": the sub-masks of the BND1 masks, scored with their
+        parent's perturbation; accepted parents and sub-masks make the map (coverage of the level-1 masks)."""
+        prm = self.params
+        owners = [(i, k) for i, ks in enumerate(bnd) for k in ks]
+        level2 = [MaskRequest(i, c, baselines[i][k]) for i, k in owners for c in children[i][k]]
+        scores2 = causal_scores(self.model, x, t, p_clean, level2, prm.batch_size).split(
+            [len(children[i][k]) for i, k in owners])
+        child_scores = {owner: s for owner, s in zip(owners, scores2)}
+        maps, records = [], []
+        for i, m in enumerate(masks):
+            e2 = [evaluation(child_scores[(i, k)], z[i]) if (i, k) in child_scores else torch.empty(0)
+                  for k in range(len(m))]
+            d = decide_split(evaluation(scores1[i], z[i]), e2, prm.alpha1, prm.beta1, prm.alpha2, prm.beta2,
+                             prm.gamma3, prm.k_min, region1=regions1[i])
+            chosen_masks, chosen_scores = [m[d.gate]], [scores1[i][d.gate]]
+            for k, g in enumerate(d.child_gate):
+                if g.any():
+                    chosen_masks.append(children[i][k][g])
+                    chosen_scores.append(child_scores[(i, k)][g])
+            maps.append(coverage_map(torch.cat(chosen_scores), torch.cat(chosen_masks), coverage=m.sum(0)))
+            sub = sum(len(children[i][k]) for k in bnd[i])
+            forward = (1 if prm.costaware else 2) * len(m) + (1 if prm.costaware else 0) * len(bnd[i]) + 2 * sub
+            accepted = int(d.gate.sum()) + sum(int(g.sum()) for g in d.child_gate)
+            records.append(_record(len(m), forward, d.counts, accepted))
         return minmax(torch.stack(maps)), records
 
 

@@ -25,7 +25,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 from c2f_med.explain.attention import minmax
 
-__all__ = ["token_maps", "merge_maps", "upsample_masks", "token_masks", "DEFAULT_DELTA"]
+__all__ = ["token_maps", "merge_maps", "upsample_masks", "token_masks", "nested_token_masks", "DEFAULT_DELTA"]
 
 #: distance threshold of the agglomerative clustering (cosine distance, complete linkage), as ViT-CX
 DEFAULT_DELTA = 0.1
@@ -35,6 +35,22 @@ def token_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``F^T`` as ``D`` min-max normalised maps: tokens ``N x D`` -> ``D x h x w`` in [0, 1]."""
     maps = tokens.t().reshape(tokens.shape[1], *grid)  # D x h x w (tokens are row-major on the grid)
     return minmax(maps)
+
+
+def _cluster_labels(kept: torch.Tensor, deltas: tuple[float, ...]) -> list[np.ndarray]:
+    """``fcluster`` labels of ``D' x N`` maps (cosine distance, complete linkage) at each threshold of
+    ``deltas``; one tree, so clusters at a smaller threshold nest inside those at a larger one."""
+    if kept.shape[0] == 1:
+        return [np.ones(1, dtype=int) for _ in deltas]
+    tree = linkage(kept.detach().cpu().double().numpy(), method="complete", metric="cosine")
+    return [fcluster(tree, t=d, criterion="distance") for d in deltas]
+
+
+def _merge(kept: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
+    """Each cluster's maps summed and min-max normalised, constant results dropped: ``K x N``."""
+    label_t = torch.as_tensor(labels, device=kept.device)
+    merged = minmax(torch.stack([kept[label_t == c].sum(0) for c in np.unique(labels)]))
+    return merged[merged.amax(1) > 0]
 
 
 def merge_maps(maps: torch.Tensor, delta: float = DEFAULT_DELTA) -> torch.Tensor:
@@ -48,15 +64,8 @@ def merge_maps(maps: torch.Tensor, delta: float = DEFAULT_DELTA) -> torch.Tensor
     kept = flat[flat.amax(1) > 0]  # D' x N, constant maps removed
     if kept.shape[0] == 0:
         return maps.new_zeros((0, *maps.shape[1:]))
-    if kept.shape[0] == 1:
-        labels = np.ones(1, dtype=int)
-    else:
-        tree = linkage(kept.detach().cpu().double().numpy(), method="complete", metric="cosine")
-        labels = fcluster(tree, t=delta, criterion="distance")
-    label_t = torch.as_tensor(labels, device=kept.device)
-    merged = torch.stack([kept[label_t == c].sum(0) for c in np.unique(labels)])  # K x N
-    merged = minmax(merged)
-    merged = merged[merged.amax(1) > 0]
+    (labels,) = _cluster_labels(kept, (delta,))
+    merged = _merge(kept, labels)
     return merged.reshape(merged.shape[0], *maps.shape[1:])
 
 
@@ -65,6 +74,38 @@ def upsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if masks.shape[0] == 0:
         return masks.new_zeros((0, *size))
     return F.interpolate(masks.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def nested_token_masks(
+    tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], coarse_delta: float, fine_delta: float = DEFAULT_DELTA
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Masks at two granularities of one clustering tree, for S3WM's ``granularity="split"``.
+
+    The maps are clustered once (as :func:`merge_maps`); cutting the tree at ``coarse_delta`` gives the
+    level-1 masks ``K1 x H x W``, cutting it at ``fine_delta < coarse_delta`` splits each coarse
+    cluster into the finer clusters it contains. Returns ``(coarse, children)`` where
+    ``children[k]`` (``n_k x H x W``) are the finer masks inside coarse mask ``k``; a coarse cluster
+    that holds a single finer cluster has no children (``n_k = 0``): splitting it changes nothing.
+    """
+    if not fine_delta < coarse_delta:
+        raise ValueError(f"need fine_delta < coarse_delta, got {fine_delta} and {coarse_delta}")
+    tokens = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
+    maps = token_maps(tokens, grid)
+    flat = maps.reshape(maps.shape[0], -1)
+    kept = flat[flat.amax(1) > 0]
+    if kept.shape[0] == 0:
+        return maps.new_zeros((0, *size)), []
+    coarse_labels, fine_labels = _cluster_labels(kept, (coarse_delta, fine_delta))
+    coarse, children = [], []
+    for c in np.unique(coarse_labels):
+        inside = coarse_labels == c
+        parent = _merge(kept[inside], np.ones(int(inside.sum()), dtype=int))
+        if parent.shape[0] == 0:  # constant after merging: dropped, as in merge_maps
+            continue
+        sub = _merge(kept[inside], fine_labels[inside]) if len(np.unique(fine_labels[inside])) > 1 else parent[:0]
+        coarse.append(parent[0])
+        children.append(upsample_masks(sub.reshape(-1, *grid), size))
+    return upsample_masks(torch.stack(coarse).reshape(-1, *grid), size), children
 
 
 def token_masks(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], delta: float = DEFAULT_DELTA) -> torch.Tensor:

@@ -20,6 +20,14 @@ Gate ``g_k = 1`` if accepted at any level. Masks accepted at level 1 use ``(M_k,
 ``(M'_k, S'_k)``. Fallback: with fewer than ``k_min`` accepted, the ``k_min`` best by level-1 ``e`` are
 accepted (all ``K`` if ``K < k_min``); those the fallback adds use ``(M_k, S_k)``.
 
+Granularity ``"split"`` (:func:`decide_split`): level 2 re-decides a ``BND1`` mask at a finer
+granularity instead of removing its band: its finer sub-masks (the clusters it contains at a
+smaller clustering threshold, :func:`~c2f_med.explain.masks.nested_token_masks`) are scored and
+each is decided on its own ``e'`` (``POS2``, ``NEG2``, ``BND2``; level 3 accepts a ``BND2`` sub-mask iff
+``(e_parent + e') / 2 >= gamma3``). A ``BND1`` mask with no finer sub-masks is decided by the
+level-2 and level-3 thresholds on its own ``e``. The fallback tops up with the best parents by
+``e`` among those none of whose sub-masks was accepted.
+
 Thresholds from Yao's decision-theoretic rough sets (:func:`yao_thresholds`): with losses
 ``lambda_PP = lambda_NN = 0``, ``lambda_PN = lambda_NP = 1`` and a deferment (boundary) loss ``b``
 for both states, ``alpha = 1 - b`` and ``beta = b``. Level 1 uses ``b = 0.3`` -> (0.7, 0.3), level 2
@@ -33,7 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["POS", "NEG", "BND", "REFERENCES", "yao_thresholds", "normaliser", "evaluation", "sharpen", "three_way", "decide", "Decision"]
+__all__ = ["POS", "NEG", "BND", "REFERENCES", "yao_thresholds", "normaliser", "evaluation", "sharpen", "three_way", "decide",
+           "Decision", "decide_split", "SplitDecision"]
 
 #: region labels of :func:`three_way`
 POS, NEG, BND = 1, -1, 0
@@ -172,3 +181,73 @@ def decide(
         "fallback": int((level == 4).sum()),
     }
     return Decision(gate=gate, sharpened=(level == 2) | (level == 3), level=level, counts=counts)
+
+
+@dataclass
+class SplitDecision:
+    """The outcome of S3WM with ``granularity="split"`` for one slice's ``K`` level-1 masks.
+
+    Attributes:
+        gate: ``K`` bools: the level-1 mask enters the map as it is (accepted at level 1, at levels
+            2-3 when it has no sub-masks, or by the fallback).
+        child_gate: per mask, ``n_k`` bools: which of its sub-masks enter the map (all ``False`` unless
+            the mask was ``BND1``).
+        counts: ``pos1, neg1, bnd1, pos2, neg2, bnd2, acc3, fallback``; level-2/3 counts are over the
+            objects decided there (sub-masks, or ``BND1`` masks without sub-masks).
+    """
+
+    gate: torch.Tensor
+    child_gate: list[torch.Tensor]
+    counts: dict[str, int]
+
+
+def decide_split(
+    e1: torch.Tensor,
+    e2_children: list[torch.Tensor],
+    alpha1: float = 0.7,
+    beta1: float = 0.3,
+    alpha2: float = 0.6,
+    beta2: float = 0.4,
+    gamma3: float = 0.5,
+    k_min: int = 5,
+    region1: torch.Tensor | None = None,
+) -> SplitDecision:
+    """S3WM with a finer granularity at level 2 (module docstring).
+
+    Args:
+        e1: ``K`` level-1 evaluations.
+        e2_children: ``K`` tensors, the ``n_k`` evaluations of mask ``k``'s sub-masks (read only for
+            ``BND1`` masks; empty when a mask has no sub-masks).
+        alpha1, beta1, alpha2, beta2, gamma3, k_min, region1: as in :func:`decide`.
+    """
+    e1 = torch.as_tensor(e1, dtype=torch.float32)
+    r1 = three_way(e1, alpha1, beta1) if region1 is None else torch.as_tensor(region1, dtype=torch.int8, device=e1.device)
+    gate = r1 == POS
+    child_gate = [torch.zeros(len(e), dtype=torch.bool, device=e1.device) for e in e2_children]
+    counts = dict.fromkeys(("pos2", "neg2", "bnd2", "acc3"), 0)
+    for k in torch.nonzero(r1 == BND).flatten().tolist():
+        e2 = torch.as_tensor(e2_children[k], dtype=torch.float32, device=e1.device)
+        if e2.numel() == 0:  # no finer granularity: the mask itself, on its own e
+            e2 = e1[k : k + 1]
+        r2 = three_way(e2, alpha2, beta2)
+        acc3 = (r2 == BND) & ((e1[k] + e2) / 2 >= gamma3)
+        accepted = (r2 == POS) | acc3
+        counts["pos2"] += int((r2 == POS).sum())
+        counts["neg2"] += int((r2 == NEG).sum())
+        counts["bnd2"] += int((r2 == BND).sum())
+        counts["acc3"] += int(acc3.sum())
+        if len(child_gate[k]):
+            child_gate[k] = accepted
+        else:
+            gate[k] = bool(accepted[0])
+    units = int(gate.sum()) + sum(int(c.sum()) for c in child_gate)
+    fallback = 0
+    if units < k_min:
+        free = torch.tensor([not gate[k] and not bool(child_gate[k].any()) for k in range(len(e1))], dtype=torch.bool)
+        order = [k for k in torch.argsort(-e1, stable=True).tolist() if free[k]]
+        for k in order[: k_min - units]:
+            gate[k] = True
+            fallback += 1
+    counts = {"pos1": int((r1 == POS).sum()), "neg1": int((r1 == NEG).sum()), "bnd1": int((r1 == BND).sum()),
+              **counts, "fallback": fallback}
+    return SplitDecision(gate=gate, child_gate=child_gate, counts=counts)

@@ -357,9 +357,10 @@ class CTWindowd(MapTransform):
 class MRPercentileNormd(MapTransform):
     """Dictionary version of :class:`MRPercentileNorm`."""
 
-    def __init__(self, keys: KeysCollection, lower: float = 0.5, upper: float = 99.5, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, lower: float = 0.5, upper: float = 99.5, top: float = 2 / 3,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
-        self.transform = MRPercentileNorm(lower, upper)
+        self.transform = MRPercentileNorm(lower, upper, top)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         return _apply(self, data)

@@ -52,7 +52,7 @@ def test_without_s3wm_and_af_it_is_vitcx_exactly(model, slices):
 def test_forward_pass_bound(model, slices, costaware):
     seen, handle = count_images(model)
     try:
-        out = create("c2f", model, costaware=costaware, **WIDE_BAND).explain(slices, target=1)
+        out = create("c2f-first", model, costaware=costaware, **WIDE_BAND).explain(slices, target=1)
     finally:
         handle.remove()
     assert sum(r["bnd1"] for r in out.records) > 0  # level 2 did run
@@ -68,16 +68,16 @@ def test_forward_pass_bound(model, slices, costaware):
 def test_predicted_class_costs_one_forward_when_gradients_are_needed(model, slices):
     seen, handle = count_images(model)
     try:
-        out = create("c2f", model).explain(slices)
+        out = create("c2f-first", model).explain(slices)
     finally:
         handle.remove()
     assert out.forward_passes == sum(seen) == sum(1 + 1 + 2 * r["K"] + 2 * r["bnd1"] for r in out.records)
-    no_grad = create("c2f", model, relation="rollout-last").explain(slices)
+    no_grad = create("c2f-first", model, relation="rollout-last").explain(slices)
     assert no_grad.backward_passes == 0
     assert no_grad.forward_passes == sum(1 + 2 * r["K"] + 2 * r["bnd1"] for r in no_grad.records)
 
 
-@pytest.mark.parametrize("name", ["c2f", "c2f-costaware"])
+@pytest.mark.parametrize("name", ["c2f", "c2f-first"])
 def test_batch_composition_independence(name):
     """A slice alone or inside a batch of 3 gives the same map (float64 LesionViT; float32 timm ViT).
 
@@ -98,7 +98,7 @@ def test_batch_composition_independence(name):
 
 
 def test_records(model, slices):
-    out = create("c2f", model, **WIDE_BAND).explain(slices, target=1)
+    out = create("c2f-first", model, **WIDE_BAND).explain(slices, target=1)
     assert len(out.records) == 3
     for r in out.records:
         assert set(r) == {"K", *LEVELS, "accepted", "forward_passes"}
@@ -114,8 +114,9 @@ def test_records(model, slices):
 
 def test_af_refines_the_coarse_map(model, slices):
     t = torch.tensor([1, 0, 1])
-    coarse = create("c2f-noAF", model).explain(slices, target=t)
-    fine = create("c2f", model).explain(slices, target=t)
+    af = {"relation": "gae", "l0": 1, "refine": "gate", "importance": "cosine"}
+    coarse = create("c2f-noAF", model, **af).explain(slices, target=t)
+    fine = create("c2f", model, **af).explain(slices, target=t)
     out = model.run(slices, attentions=True, target=t)
     want = fine_map(coarse.saliency, patch_relation(out.attentions, out.attention_grads), model.grid, model.patch_size)
     assert torch.allclose(fine.saliency, want, atol=1e-5)
@@ -125,10 +126,10 @@ def test_af_refines_the_coarse_map(model, slices):
 
 def test_s3wm_changes_the_map_only_through_its_gates(model, slices):
     # with thresholds every mask passes at level 1, S3WM is ViT-CX
-    everything = create("c2f", model, af=False, alpha1=0.0, beta1=-1.0).explain(slices, target=1)
+    everything = create("c2f-first", model, af=False, alpha1=0.0, beta1=-1.0).explain(slices, target=1)
     assert torch.equal(everything.saliency, create("vitcx", model).explain(slices, target=1).saliency)
     assert all(r["pos1"] == r["K"] for r in everything.records)
-    banded = create("c2f", model, af=False, **WIDE_BAND).explain(slices, target=1)
+    banded = create("c2f-first", model, af=False, **WIDE_BAND).explain(slices, target=1)
     assert not torch.equal(banded.saliency, everything.saliency)
 
 
@@ -137,7 +138,7 @@ def test_parameters_by_name(model):
     assert e.params.relation == "rollout-last" and e.params.alpha1 == 0.8 and e.params.beta1 == 0.3
     assert create("c2f-noS3WM", model).params.s3wm is False
     assert create("c2f-noAF", model).params.af is False
-    assert create("c2f-costaware", model).params.costaware is True
+    assert create("c2f", model).params.costaware is True and create("c2f-first", model).params.costaware is False
     assert create("c2f-noAF", model, af=True).params.af is True  # overrides win over the variant's
     with pytest.raises(ValueError):
         create("c2f", model, alpah1=0.8)
@@ -156,7 +157,7 @@ def test_sharpen_accepted_removes_the_band_of_every_accepted_mask(model, slices)
     from c2f_med.explain.s3wm import sharpen
     from c2f_med.explain.vitcx import causal_scores, coverage_map, mask_requests, perturbation_of, slice_masks
 
-    e = create("c2f", model, af=False, alpha1=0.0, beta1=-1.0, sharpen_accepted=True)  # every mask POS1
+    e = create("c2f-first", model, af=False, alpha1=0.0, beta1=-1.0, sharpen_accepted=True)  # every mask POS1
     got = e.explain(slices, target=1).saliency
     with torch.inference_mode():
         out = model.run(slices, tokens=True)
@@ -173,5 +174,28 @@ def test_sharpen_accepted_removes_the_band_of_every_accepted_mask(model, slices)
 
 def test_best_evaluation_accepts_the_best_mask(model, slices):
     # relative to the best mask, that mask has e = 1 and is always POS1 (its score is positive here)
-    best = create("c2f", model, af=False, evaluation="best", k_min=0).explain(slices, target=1).records
+    best = create("c2f-first", model, af=False, evaluation="best", k_min=0).explain(slices, target=1).records
     assert all(b["pos1"] >= 1 and b["accepted"] >= b["pos1"] for b in best)
+
+
+@pytest.mark.parametrize("costaware", [False, True])
+def test_split_granularity_costs_and_counts(model, slices, costaware):
+    from c2f_med.explain.masks import nested_token_masks
+
+    e = create("c2f-first", model, af=False, granularity="split", coarse_delta=0.3, costaware=costaware, **WIDE_BAND)
+    seen, hook = count_images(model)
+    try:
+        res = e.explain(slices, target=1)
+    finally:
+        hook.remove()
+    with torch.inference_mode():
+        tokens = model.run(slices, tokens=True).tokens
+    for rec, tok in zip(res.records, tokens):
+        coarse, children = nested_token_masks(tok, model.grid, model.input_size, 0.3, e.params.delta)
+        assert rec["K"] == len(coarse) and rec["pos1"] + rec["neg1"] + rec["bnd1"] == rec["K"]
+        assert rec["forward_passes"] <= 1 + 2 * rec["K"] + 2 * sum(len(c) for c in children)
+        if rec["bnd1"] == rec["K"]:  # every mask deferred: level 2 decides each sub-mask (or childless mask)
+            assert rec["pos2"] + rec["neg2"] + rec["bnd2"] == sum(max(len(c), 1) for c in children)
+    assert any(r["bnd1"] == r["K"] and r["bnd2"] > 1 for r in res.records)  # the wide band reached sub-masks
+    assert sum(seen) == res.forward_passes
+    assert res.saliency.shape == (3, 32, 32) and res.saliency.amax() == pytest.approx(1.0)

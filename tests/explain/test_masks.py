@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -91,3 +92,20 @@ def test_upsampling_is_bilinear_half_pixel():
     assert torch.equal(up, F.interpolate(m[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0])
     # align_corners=False: output pixel 0 of a 4x upsampling samples token coordinate -0.375, clamped to 0
     assert torch.isclose(up[0, 0, 0], m[0, 0, 0])
+
+
+def test_nested_masks_split_coarse_clusters_into_the_finer_ones():
+    from c2f_med.explain.masks import nested_token_masks
+
+    tokens = torch.randn(16, 24, generator=torch.Generator().manual_seed(3))
+    coarse, children = nested_token_masks(tokens, (4, 4), (8, 8), coarse_delta=0.9, fine_delta=0.3)
+    fine = token_masks(tokens, (4, 4), (8, 8), delta=0.3)
+    assert len(coarse) == len(children) and len(coarse) < len(fine)
+    # every finer cluster lies in exactly one coarse cluster: the children are the fine masks
+    # (a coarse cluster holding one fine cluster has no children and is that fine mask itself)
+    parts = torch.cat([c if len(c) else p[None] for p, c in zip(coarse, children)])
+    assert len(parts) == len(fine)
+    matched = [(torch.cdist(part.flatten()[None], fine.flatten(1)).min()) for part in parts]
+    assert max(float(d) for d in matched) < 1e-5
+    with pytest.raises(ValueError, match="fine_delta"):
+        nested_token_masks(tokens, (4, 4), (8, 8), coarse_delta=0.1, fine_delta=0.3)

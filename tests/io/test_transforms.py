@@ -304,16 +304,34 @@ def test_mr_percentiles_use_the_nonzero_voxels():
     padded[:, :20] = body
     lo, hi = np.percentile(body, (0.5, 99.5))
     expected = np.clip((padded - lo) / (hi - lo), 0.0, 1.0)
-    out = MRPercentileNormd("image")({"image": torch.as_tensor(padded)})["image"]
+    out = MRPercentileNormd("image", top=1.0)({"image": torch.as_tensor(padded)})["image"]
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-5)
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
     # 0.5% of the nonzero voxels lie above the upper percentile and are clipped to 1
     assert int((out[:, :20] == 1.0).sum()) == pytest.approx(0.005 * body.size, abs=3)
 
 
+def test_mr_percentiles_keep_headroom_for_hyperintensities():
+    """With the default top = 2/3, a bright spot up to half the percentile range above p_hi keeps its
+    contrast instead of being clipped to the brightest tissue's value."""
+    rng = np.random.default_rng(0)
+    body = rng.uniform(100.0, 200.0, size=(1, 30, 30, 10)).astype(np.float32)
+    lo, hi = np.percentile(body, (0.5, 99.5))
+    body[0, :2, :2, 0] = hi + 0.4 * (hi - lo)  # a "lesion" of 4 voxels above the upper percentile
+    out = MRPercentileNorm()(torch.as_tensor(body)).numpy()
+    lo, hi = np.percentile(body, (0.5, 99.5))
+    np.testing.assert_allclose(out, np.clip(2 / 3 * (body - lo) / (hi - lo), 0, 1), atol=1e-5)
+    tissue_max = out[0, 2:, 2:].max()
+    assert out[0, :2, :2, 0].min() > tissue_max + 0.2  # still clearly brighter than any tissue
+    plain = MRPercentileNorm(top=1.0)(torch.as_tensor(body)).numpy()
+    assert plain[0, :2, :2, 0].min() == plain[0, 2:, 2:].max() == 1.0  # clipped: same as the brightest tissue
+    with pytest.raises(ValueError, match="top"):
+        MRPercentileNorm(top=0.0)
+
+
 def test_mr_percentiles_custom_range():
     values = torch.arange(1, 101, dtype=torch.float32)[None]
-    out = MRPercentileNorm(lower=10, upper=90)(values)
+    out = MRPercentileNorm(lower=10, upper=90, top=1.0)(values)
     lo, hi = np.percentile(np.arange(1, 101), (10, 90))
     np.testing.assert_allclose(out.numpy()[0], np.clip((np.arange(1, 101) - lo) / (hi - lo), 0, 1), atol=1e-6)
 
