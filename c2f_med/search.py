@@ -16,7 +16,8 @@ Selection rule (:func:`select`), fixed before the test split is looked at:
     among the c2f variants whose validation mIoU is at least the best baseline's, and whose cost
     (forward passes + 2 x backward passes per slice) is at most vitcx's, the highest
     (AP + iou_topk) / 2; if no variant passes both conditions, the highest (AP + iou_topk) / 2
-    among those within the cost, and the report says which condition failed.
+    among those within the cost (among all variants if none is), and the report says which
+    condition failed.
 
 Baselines are every non-C2F method of :data:`BASELINES` (``vitcx-sq`` included).
 """
@@ -98,7 +99,8 @@ def _cost(summary: Mapping[str, Any]) -> float:
 def select(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """Apply the selection rule (module docstring) to ``{name: {"method", "params", **aggregate}}``.
 
-    Returns ``{"rule", "selected", "best_baseline_miou", "vitcx_cost", "qualified": [names], "fallback": bool}``.
+    Returns ``{"rule", "selected", "best_baseline_miou", "vitcx_cost", "qualified": [names],
+    "within_cost": [names], "fallback": bool}`` (``fallback``: no variant met both conditions).
     """
     baselines = [r for r in results.values() if r["method"] != "c2f"]
     variants = {n: r for n, r in results.items() if r["method"] == "c2f"}
@@ -190,7 +192,16 @@ def render_search(report: Mapping[str, Any]) -> str:
             f"{report['lesion_slices']} lesion slices\n\n" + head + "\n".join(lines) +
             f"\n\nRule: {sel['rule']}.\n\nBest baseline mIoU {sel['best_baseline_miou']:.3f}; vitcx cost "
             f"{sel['vitcx_cost']:.1f} passes. Qualified: {', '.join(sel['qualified']) or 'none'}. "
-            f"Selected: **{sel['selected']}**{' (fallback: no variant met the mIoU condition)' if sel['fallback'] else ''}.\n")
+            f"Selected: **{sel['selected']}**{_fallback_reason(sel)}.\n")
+
+
+def _fallback_reason(sel: Mapping[str, Any]) -> str:
+    """Which condition of the rule no variant met, for ``search.md`` (empty when one qualified)."""
+    if not sel["fallback"]:
+        return ""
+    if not sel["within_cost"]:
+        return " (fallback: no variant was within vitcx's cost)"
+    return " (fallback: no variant within the cost met the mIoU condition)"
 
 
 def _fmt(value: float) -> str:

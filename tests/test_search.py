@@ -12,12 +12,17 @@ import pytest
 from c2f_med.errors import InputError
 from c2f_med.evaluate import run_evaluate
 from c2f_med.explain import create
-from c2f_med.search import VARIANTS, run_search, select, variant_params
+from c2f_med.search import VARIANTS, render_search, run_search, select, variant_params
 
 
 def _result(method, ap, topk, miou, fwd, bwd=0.0):
-    return {"method": method, "params": {}, "ap": ap, "iou_topk": topk, "miou": miou,
-            "forward_passes_per_slice": fwd, "backward_passes_per_slice": bwd}
+    return {"method": method, "params": {}, "ap": ap, "iou_topk": topk, "miou": miou, "relevance_mass": 0.1,
+            "seconds_per_slice": 0.1, "forward_passes_per_slice": fwd, "backward_passes_per_slice": bwd}
+
+
+def _report_text(results):
+    return render_search({"section": "validation", "cases": 1, "lesion_slices": 1, "results": results,
+                          "selection": select(results)})
 
 
 def test_select_applies_the_miou_and_cost_conditions():
@@ -32,10 +37,17 @@ def test_select_applies_the_miou_and_cost_conditions():
     sel = select(results)
     assert sel["selected"] == "b" and sel["qualified"] == ["b", "d"] and not sel["fallback"]
     assert sel["best_baseline_miou"] == 0.60 and sel["vitcx_cost"] == 21
+    assert "Selected: **b**." in _report_text(results)
     # nobody reaches the mIoU: the best within the cost, flagged as a fallback
     results["gae"]["miou"] = 0.9
     sel = select(results)
     assert sel["selected"] == "a" and sel["fallback"] and sel["qualified"] == []
+    assert "no variant within the cost met the mIoU condition" in _report_text(results)
+    # nobody is within the cost either: the best of all variants
+    results["vitcx"]["forward_passes_per_slice"] = 5
+    sel = select(results)
+    assert sel["selected"] == "a" and sel["fallback"] and sel["within_cost"] == []
+    assert "no variant was within vitcx's cost" in _report_text(results)
 
 
 def test_select_needs_vitcx():
