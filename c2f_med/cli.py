@@ -40,7 +40,7 @@ def parse_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
 def _synth(a: argparse.Namespace) -> None:
     from c2f_med.synth.dataset import write_dataset
 
-    path = write_dataset(a.out, cases=a.cases, seed=a.seed, fmt=a.format)
+    path = write_dataset(a.out, cases=a.cases, seed=a.seed, fmt=a.format, shapes=tuple(a.shapes.split(",")))
     print(f"wrote {a.cases} cases and {path}")
 
 
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     from c2f_med.models.bundle import DEFAULT_BUNDLE
+    from c2f_med.synth.lesions import HELD_OUT_SHAPES, SHAPES
 
     def bundle_args(s: argparse.ArgumentParser) -> None:
         s.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="MONAI bundle folder")
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cases", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--format", choices=("nifti", "dicom", "both"), default="nifti")
+    s.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"comma-separated lesion shapes: the generator's {','.join(SHAPES)} (default) and / or "
+                        f"the held-out {','.join(HELD_OUT_SHAPES)} (lesions drawn unlike the training data)")
     s.set_defaults(func=_synth)
 
     t = sub.add_parser("train", help="train the slice classifier into a bundle")
@@ -142,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its 'validation' cases select the best checkpoint; its 'training' cases are "
                         "trained on unless --online-lesions")
     t.add_argument("--bundle", required=True, type=Path)
-    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--epochs", type=int, default=26,
+                   help="epochs of --epoch-steps steps, a validation after each (the shipped model: 26 x 500)")
     t.add_argument("--epoch-steps", type=int, default=500, help="optimiser steps per epoch")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--online-lesions", action="store_true",

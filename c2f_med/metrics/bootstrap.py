@@ -11,6 +11,8 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.stats import bootstrap
 
+from c2f_med.metrics.localisation import miou_from_counts
+
 __all__ = ["bootstrap_ci", "paired_bootstrap", "paired_bootstrap_miou"]
 
 
@@ -109,17 +111,13 @@ def paired_bootstrap_miou(
     if a.shape != b.shape or a.ndim != 2 or a.shape[1] != 4:
         raise ValueError(f"counts must be two n x 4 arrays of one shape, got {a.shape} and {b.shape}")
 
-    def miou(c: NDArray[np.float64]) -> NDArray[np.float64]:  # c: ... x items x 4 -> ...
-        s = c.sum(-2)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (s[..., 0] / s[..., 1] + s[..., 2] / s[..., 3]) / 2
-
-    out = {"mean_diff": float(miou(a) - miou(b)) if len(a) else float("nan"), "low": float("nan"),
-           "high": float("nan"), "p_value": float("nan"), "n_pairs": int(len(a))}
+    nan = float("nan")
+    out = {"mean_diff": float(miou_from_counts(a) - miou_from_counts(b)) if len(a) else nan, "low": nan,
+           "high": nan, "p_value": nan, "n_pairs": int(len(a))}
     if len(a) < 2:
         return out
     rng = np.random.default_rng(seed)
-    diffs = np.concatenate([miou(a[idx]) - miou(b[idx]) for idx in
+    diffs = np.concatenate([miou_from_counts(a[idx]) - miou_from_counts(b[idx]) for idx in
                             (rng.integers(0, len(a), (min(256, n - i), len(a))) for i in range(0, n, 256))])
     alpha = (1 - ci) / 2
     out["low"], out["high"] = (float(q) for q in np.nanquantile(diffs, [alpha, 1 - alpha]))

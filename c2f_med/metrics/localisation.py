@@ -31,6 +31,7 @@ from scipy.stats import rankdata
 
 __all__ = [
     "IoUAccumulator",
+    "miou_from_counts",
     "average_precision",
     "dice",
     "dice_topk",
@@ -312,6 +313,24 @@ def localisation_scores(saliency: ArrayLike, mask: ArrayLike, tolerance: float =
     }
 
 
+def miou_from_counts(counts: ArrayLike) -> NDArray[np.float64]:
+    """Dataset mIoU over {background, lesion} from per-item IoU counts (Chefer et al. 2021).
+
+    ``counts``: ``... x items x 4``, columns ``(I_bg, U_bg, I_les, U_les)`` (intersection and union
+    voxel counts of each class). The counts are summed over items, ``IoU_c = sum I_c / sum U_c``, and
+    ``mIoU = (IoU_bg + IoU_les) / 2``; a class whose summed union is 0 is left out of the mean (NaN
+    when both are).
+
+    Returns:
+        the mIoU, shape ``...`` (a 0-d array for one set of items).
+    """
+    s = np.asarray(counts, dtype=np.float64).sum(-2)  # ... x 4
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.stack([s[..., 0] / s[..., 1], s[..., 2] / s[..., 3]], -1)  # ... x 2
+        valid = ~np.isnan(iou)
+        return np.where(valid, iou, 0.0).sum(-1) / valid.sum(-1)
+
+
 class IoUAccumulator:
     """Dataset mIoU over the classes {background, lesion} (Chefer et al. 2021).
 
@@ -365,4 +384,5 @@ class IoUAccumulator:
         """
         if self.count == 0:
             return float("nan")
-        return float(np.nanmean(self.class_iou()))
+        counts = np.stack([self.intersection, self.union], 1).ravel()  # I_bg, U_bg, I_les, U_les
+        return float(miou_from_counts(counts[None]))

@@ -15,7 +15,8 @@ slice AUROC and accuracy every epoch, the best checkpoint kept as ``models/model
 dict). Recipe from ../shared/docs/training_notes.md: AdamW, warmup then cosine decay, weight decay
 off for norms / biases / position embeddings / CLS, gradient clipping, and a curriculum that
 widens the lesion contrast and size ranges from conspicuous to the full range over the first
-quarter of the steps.
+quarter of the steps. The forward pass runs in bfloat16 under CPU autocast (``TrainConfig.bf16``):
+measured 0.23-0.26 s against 0.44-0.46 s per step of 32 slices on this project's 2-core machine.
 """
 
 from __future__ import annotations
@@ -36,17 +37,17 @@ from torch.utils.data import IterableDataset
 
 from c2f_med.slices import INPUT_MEAN, INPUT_STD, normalise_input, to_model_grid, volume_slices
 
-__all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "augment", "slice_dataset", "train"]
+__all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "augment", "bundle_network", "slice_dataset", "train"]
 
 
 @dataclass
 class TrainConfig:
     """Every constant of the recipe (defaults: the committed model)."""
 
-    steps: int = 5000  # optimiser steps in all
-    epoch_steps: int = 250  # steps between validations
+    steps: int = 13000  # optimiser steps in all
+    epoch_steps: int = 500  # steps between validations
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
     final_lr_fraction: float = 0.02  # cosine decays to lr * this
@@ -59,11 +60,12 @@ class TrainConfig:
     anatomy_pool: int = 24  # anatomies kept in memory, one replaced every `anatomy_refresh` volumes
     anatomy_refresh: int = 8
     lesions_per_volume: tuple[int, int] = (2, 6)
-    token_loss_weight: float = 1.0  # auxiliary per-token lesion loss (0 = slice labels only)
+    token_loss_weight: float = 2.0  # auxiliary per-token lesion loss (0 = slice labels only)
     token_pos_weight: float = 10.0  # BCE weight of lesion tokens (they are a few of 144)
     twin_negative: float = 0.75  # share of negatives taken at a positive's slice of the lesion-free twin
     seed: int = 0
-    model: dict = field(default_factory=dict)  # LesionViT keyword arguments
+    bf16: bool = True  # CPU autocast to bfloat16 for the forward pass (fp32 master weights): ~1.8x faster here
+    model: dict = field(default_factory=dict)  # LesionViT keyword arguments (run_training: the bundle's network_def)
     img_size: int = 96
 
 
@@ -240,18 +242,23 @@ class TokenLesionHead(nn.Module):
     """Training-only wrapper of a :class:`~c2f_med.models.vit.MonaiViTAdapter`: besides the slice
     logits ``B x C`` it predicts, from the final LayerNorm-ed patch tokens, which tokens hold lesion
     (``B x N`` logits). The dense target speeds up learning to find small lesions; only the wrapped
-    network's weights are saved, and inference never uses this head.
+    network's weights are saved, and inference never uses this head. With ``bf16`` the forward pass
+    runs under CPU autocast to bfloat16 (the weights and the optimiser stay float32); both outputs
+    are returned as float32.
     """
 
-    def __init__(self, net):
+    def __init__(self, net, bf16: bool = False):
         super().__init__()
         self.net = net
         self.head = nn.Linear(net.vit.norm.normalized_shape[0], 1)
+        self.bf16 = bf16
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, hidden = self.net.vit(self.net.stem(x))
-        tokens = self.net.vit.norm(hidden[-1])[:, 1:]  # B x N x D, CLS dropped
-        return logits, self.head(tokens).squeeze(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            logits, hidden = self.net.vit(self.net.stem(x))
+            tokens = self.net.vit.norm(hidden[-1])[:, 1:]  # B x N x D, CLS dropped
+            token_logits = self.head(tokens).squeeze(-1)
+        return logits.float(), token_logits.float()
 
 
 def token_targets(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -332,7 +339,7 @@ def train(
     val_data = [{"image": vx[i], "label": vy[i]} for i in range(len(vy))]
     val_loader = torch.utils.data.DataLoader(val_data, batch_size=128, shuffle=False)
 
-    wrapped = TokenLesionHead(net)
+    wrapped = TokenLesionHead(net, bf16=cfg.bf16)
     optimiser = torch.optim.AdamW(_param_groups(wrapped, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg))
 
@@ -438,9 +445,31 @@ def plot_curve(log_csv: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def bundle_network(bundle: Path) -> tuple[int, dict]:
+    """``(img_size, LesionViT keyword arguments)`` of the bundle's ``network_def`` (configs/inference.json),
+    so that training builds exactly the network that inference loads."""
+    from monai.bundle import ConfigParser
+
+    from c2f_med.errors import InputError
+
+    config_file = Path(bundle) / "configs" / "inference.json"
+    if not config_file.exists():
+        raise InputError(config_file, "bundle config not found")
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser["bundle_root"] = str(bundle)
+    target = parser.get("network_def::_target_")
+    if target != "c2f_med.models.vit.LesionViT":
+        raise InputError(config_file, f"training builds c2f_med.models.vit.LesionViT, network_def is {target!r}")
+    kwargs = {k: parser.get_parsed_content(f"network_def::{k}") for k in parser["network_def"] if k != "_target_"}
+    if kwargs.pop("in_channels", 1) != 1:
+        raise InputError(config_file, "training makes one-channel slices: network_def needs in_channels 1")
+    return int(kwargs.pop("img_size", 96)), kwargs
+
+
 def run_training(datalist: Path, bundle: Path, *, epochs: int, seed: int, online_lesions: bool,
                  epoch_steps: int = 250) -> dict:
-    """``c2f-med train``: train, then write ``models/model.pt``, ``models/training_log.csv``,
+    """``c2f-med train``: train the bundle's ``network_def`` (:func:`bundle_network`), then write ``models/model.pt``, ``models/training_log.csv``,
     ``models/train_summary.json`` and ``docs/training_curve.png`` into ``bundle``."""
     from c2f_med.atomic import write_json
     from c2f_med.errors import InputError
@@ -452,7 +481,8 @@ def run_training(datalist: Path, bundle: Path, *, epochs: int, seed: int, online
         raise InputError(datalist, "has no 'validation' cases to select the best checkpoint on")
     if train_items is not None and not train_items:
         raise InputError(datalist, "has no 'training' cases (or pass --online-lesions)")
-    cfg = TrainConfig(steps=epochs * epoch_steps, epoch_steps=epoch_steps, seed=seed)
+    img_size, model = bundle_network(Path(bundle))
+    cfg = TrainConfig(steps=epochs * epoch_steps, epoch_steps=epoch_steps, seed=seed, img_size=img_size, model=model)
     result = train(Path(bundle), val_items, cfg, train_items)
     result["datalist"] = str(datalist)
     result["online_lesions"] = online_lesions

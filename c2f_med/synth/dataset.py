@@ -35,7 +35,7 @@ from tqdm import tqdm
 from c2f_med.atomic import write_json
 from c2f_med.errors import InputError
 from c2f_med.synth.anatomy import finalise, make_anatomy
-from c2f_med.synth.lesions import LesionSpec, insert_lesions
+from c2f_med.synth.lesions import HELD_OUT_SHAPES, SHAPES, LesionSpec, insert_lesions
 from c2f_med.synth.writers import write_dicom_series, write_nifti
 
 __all__ = ["FORMATS", "Case", "case_id", "split_cases", "synth_case", "write_dataset"]
@@ -84,6 +84,7 @@ def synth_case(
     n_lesions: int | None = None,
     diameter_mm: tuple[float, float] = (3.0, 20.0),
     lesion_contrast: tuple[float, float] = (0.15, 0.8),
+    shapes: tuple[str, ...] = SHAPES,
 ) -> Case:
     """Draw case ``index`` of the dataset ``seed``: the same arguments always give the same case.
 
@@ -92,6 +93,8 @@ def synth_case(
         contrast: MR contrast ("t1", "t2", "flair"), random when ``None``.
         n_lesions: number of lesions; when ``None``, 0 with probability 1/3, else 1-4 uniformly.
         diameter_mm, lesion_contrast: lesion diameter and contrast-magnitude ranges.
+        shapes: lesion shapes drawn (default the training generator's :data:`~c2f_med.synth.lesions.SHAPES`;
+            :data:`~c2f_med.synth.lesions.HELD_OUT_SHAPES` give lesions a blob-trained model never saw).
     """
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got {seed}, {index}")
@@ -100,7 +103,7 @@ def synth_case(
     if n_lesions is None:
         n_lesions = 0 if rng.random() < LESION_FREE_FRACTION else int(rng.integers(1, MAX_LESIONS + 1))
     clean, label, specs = insert_lesions(
-        anatomy.image, anatomy, rng, n_lesions, diameter_mm=diameter_mm, contrast=lesion_contrast
+        anatomy.image, anatomy, rng, n_lesions, diameter_mm=diameter_mm, contrast=lesion_contrast, shapes=shapes
     )
     noise_seed = int(rng.integers(2**63))  # the twin gets the very same noise
     scan, twin = (
@@ -125,7 +128,8 @@ def split_cases(n: int) -> dict[str, range]:
     }
 
 
-def write_dataset(out: str | os.PathLike, cases: int, seed: int, fmt: str = "nifti", *, progress: bool = True) -> Path:
+def write_dataset(out: str | os.PathLike, cases: int, seed: int, fmt: str = "nifti", *, progress: bool = True,
+                  shapes: tuple[str, ...] = SHAPES) -> Path:
     """Write ``cases`` synthetic cases of dataset ``seed`` under ``out`` (layout in the module docstring).
 
     Every file is written atomically; files of the same names are replaced, nothing else is
@@ -137,6 +141,7 @@ def write_dataset(out: str | os.PathLike, cases: int, seed: int, fmt: str = "nif
         seed: dataset seed, >= 0.
         fmt: "nifti", "dicom" or "both".
         progress: show a tqdm progress bar over the cases.
+        shapes: lesion shapes (see :func:`synth_case`); recorded in the datalist's description.
 
     Returns:
         the path of ``datalist.json``.
@@ -153,10 +158,12 @@ def write_dataset(out: str | os.PathLike, cases: int, seed: int, fmt: str = "nif
         raise InputError(out, f"seed must be >= 0, got {seed}")
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
+    if not shapes or set(shapes) - set(SHAPES + HELD_OUT_SHAPES):
+        raise InputError(out, f"shapes must be among {', '.join(SHAPES + HELD_OUT_SHAPES)}, got {', '.join(shapes)}")
 
     items, lesions = [], {}
     for index in tqdm(range(cases), desc="synth", unit="case", disable=not progress):
-        case = synth_case(seed, index)
+        case = synth_case(seed, index, shapes=shapes)
         cid = case.case_id
         label = f"labels/{cid}.nii.gz"
         write_nifti(out / label, case.label, case.affine)
@@ -174,7 +181,8 @@ def write_dataset(out: str | os.PathLike, cases: int, seed: int, fmt: str = "nif
     datalist = out / "datalist.json"
     write_json(datalist, {
         "name": "c2f_med synthetic lesions",
-        "description": f"semi-synthetic MR lesion scans on the MNI152 template, seed {seed}",
+        "description": f"semi-synthetic MR lesion scans on the MNI152 template, seed {seed}"
+                       + ("" if tuple(shapes) == SHAPES else f", lesion shapes {', '.join(shapes)}"),
         "reference": "MNI ICBM152 2009a template (via nilearn); lesions by c2f_med.synth",
         "tensorImageSize": "3D",
         "modality": {"0": "MR"},

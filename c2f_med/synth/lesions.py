@@ -13,6 +13,11 @@ lesion of a few mm may cover no voxel centre at that level and leave the mask em
 profile is exactly 0 farther than ``2 * edge_mm`` outside the nominal boundary, so voxels beyond
 that never change.
 
+Shapes: the generator draws from :data:`SHAPES` (soft blobs). :data:`HELD_OUT_SHAPES` are drawn
+only when asked for (``shapes=...``; ``c2f-med synth --shapes``): a soft-edged ``cuboid`` (flat faces,
+corners) and a ``ring`` (a rim of the lesion's contrast around a core of the opposite sign, as a
+rim-enhancing lesion), so a model trained on the blobs can be checked on lesions it never saw drawn.
+
 All of it works per slice too: :func:`insert_lesions` with ``plane=(axis, index)`` takes one 2-D
 slice of the anatomy's grid and inserts the cross-sections of 3-D lesions that cross it
 (:func:`lesion_slice`).
@@ -20,7 +25,7 @@ slice of the anatomy's grid and inserts the cross-sections of 3-D lesions that c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +34,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
 __all__ = [
+    "HELD_OUT_SHAPES",
     "SHAPES",
     "LesionSpec",
     "insert_lesions",
@@ -38,7 +44,10 @@ __all__ = [
     "sample_lesion",
 ]
 
-SHAPES = ("ellipsoid", "lobulated", "irregular")
+SHAPES = ("ellipsoid", "lobulated", "irregular")  # what the generator draws by default (training, demo data)
+HELD_OUT_SHAPES = ("cuboid", "ring")  # drawn only when asked for: robustness checks
+RING_CORE = 0.55  # a ring's core: this fraction of each semi-axis ...
+RING_CORE_CONTRAST = -0.6  # ... where the intensity change is this fraction of the lesion's contrast
 AXIS_RATIO = (0.7, 1.3)  # semi-axis ratios before normalising their geometric mean to 1
 EDGE_MM = (0.5, 3.0)  # 10-90 % width of the soft edge
 TEXTURE = (0.0, 0.3)  # depth of the internal texture: profile *= 1 - texture * u, u in [0, 1]
@@ -63,7 +72,8 @@ class LesionSpec:
         centre: voxel coordinates (float) of the lesion centre on the image grid.
         diameter_mm: diameter of the sphere with the main ellipsoid's volume.
         shape: "ellipsoid", "lobulated" (2-5 overlapping ellipsoids) or "irregular" (ellipsoid
-            with its boundary perturbed by smooth low-frequency noise).
+            with its boundary perturbed by smooth low-frequency noise); held out from training:
+            "cuboid" (a box with these semi-axes) or "ring" (ellipsoid, its core of the opposite sign).
         axes: semi-axis ratios (geometric mean 1): semi-axes are ``diameter_mm / 2 * axes``.
         rotation: rotation of the axes, "xyz" Euler angles in degrees.
         contrast: signed intensity change as a fraction of the anatomy's tissue_scale
@@ -86,7 +96,9 @@ class LesionSpec:
     @property
     def reach_mm(self) -> float:
         """Largest distance (mm) from the centre at which the profile can be non-zero."""
-        extent = 1.5 if self.shape == "lobulated" else 1.35 if self.shape == "irregular" else 1.0
+        if self.shape == "cuboid":  # its distance is L-inf-like: the corners reach sqrt(3) times as far
+            return 3**0.5 * (self.diameter_mm / 2 * max(self.axes) + _CUTOFF * self.edge_mm)
+        extent = {"lobulated": 1.5, "irregular": 1.35}.get(self.shape, 1.0)
         return self.diameter_mm / 2 * max(self.axes) * extent + _CUTOFF * self.edge_mm
 
 
@@ -98,6 +110,7 @@ def sample_lesion(
     diameter_mm: tuple[float, float] = (3.0, 20.0),
     contrast: tuple[float, float] = (0.15, 0.8),
     plane: tuple[int, int] | None = None,
+    shapes: tuple[str, ...] = SHAPES,
     max_tries: int = 200,
 ) -> LesionSpec:
     """Draw a random lesion whose core lies inside ``brain``.
@@ -114,10 +127,14 @@ def sample_lesion(
         diameter_mm: (min, max) diameter.
         contrast: (min, max) contrast magnitude, fractions of the tissue range.
         plane: ``(axis, index)``: the lesion's core must cross that slice (for 2-D use).
+        shapes: drawn uniformly from these (:data:`SHAPES` and / or :data:`HELD_OUT_SHAPES`).
         max_tries: rejection-sampling budget for the centre.
     """
+    unknown = set(shapes) - set(SHAPES + HELD_OUT_SHAPES)
+    if not shapes or unknown:
+        raise ValueError(f"shapes must be a non-empty subset of {SHAPES + HELD_OUT_SHAPES}, got {shapes}")
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-    shape = SHAPES[rng.integers(len(SHAPES))]
+    shape = shapes[rng.integers(len(shapes))]
     diameter = float(rng.uniform(*diameter_mm))
     axes = rng.uniform(*AXIS_RATIO, 3)
     axes = axes / np.prod(axes) ** (1 / 3)
@@ -173,7 +190,8 @@ def render_lesion(spec: LesionSpec, spacing_mm) -> tuple[NDArray[np.float32], tu
     Lobulated: the maximum of 2-5 such profiles (the main ellipsoid and lobes of 0.4-0.7 its size
     whose centres lie at 0.4-0.8 of its semi-axes). Irregular: the boundary's radius times
     ``1 + sum_j w_j sin(f_j u.v_j + phi_j)`` (``u`` the unit direction, 4 random low frequencies,
-    a change of at most 15-30 %). Texture: ``profile *= 1 - texture * n`` with ``n`` smoothed
+    a change of at most 15-30 %). Cuboid: ``d = max_j(|q_j| - a_j)`` in the box frame (exact
+    inside and across the faces). Ring: the ellipsoid's profile (its extent: the mask). Texture: ``profile *= 1 - texture * n`` with ``n`` smoothed
     uniform noise rescaled to [0, 1].
 
     Args:
@@ -207,7 +225,9 @@ def render_lesion(spec: LesionSpec, spacing_mm) -> tuple[NDArray[np.float32], tu
         dist = _ellipsoid_distance(pts, np.zeros(3), rot, semi)
         for shift, size in zip(shifts, sizes):
             dist = np.minimum(dist, _ellipsoid_distance(pts, shift, rot, semi * size))
-    else:
+    elif spec.shape == "cuboid":
+        dist = _box_distance(pts, rot, semi)
+    else:  # ellipsoid, irregular, ring (whose core insert_lesions adds)
         perturb = _boundary_noise(rng) if spec.shape == "irregular" else None
         dist = _ellipsoid_distance(pts, np.zeros(3), rot, semi, perturb)
 
@@ -256,6 +276,7 @@ def insert_lesions(
     plane: tuple[int, int] | None = None,
     diameter_mm: tuple[float, float] = (3.0, 20.0),
     contrast: tuple[float, float] = (0.15, 0.8),
+    shapes: tuple[str, ...] = SHAPES,
 ) -> tuple[NDArray[np.float32], NDArray[np.uint8], list[LesionSpec]]:
     """Add ``n`` random lesions to a clean image.
 
@@ -271,7 +292,9 @@ def insert_lesions(
         n: number of lesions (0 gives the image unchanged and an empty mask).
         plane: ``(axis, index)`` when ``image`` is one slice: lesions are 3-D lesions whose core
             crosses that slice, inserted as their cross-sections.
-        diameter_mm, contrast: ranges passed to :func:`sample_lesion`.
+        diameter_mm, contrast, shapes: passed to :func:`sample_lesion`. A ring's core (the same
+            ellipsoid at :data:`RING_CORE` of its size) adds ``(RING_CORE_CONTRAST - 1) * contrast`` on
+            top, so the core changes the intensity by ``RING_CORE_CONTRAST * contrast``.
 
     Returns:
         ``(image_with_lesions float32, mask uint8 0/1, specs)``, image and mask of ``image``'s shape.
@@ -284,12 +307,20 @@ def insert_lesions(
     union = np.zeros(brain.shape, np.float32)
     specs = []
     for _ in range(n):
-        spec = sample_lesion(rng, anatomy.brain, anatomy.affine, diameter_mm=diameter_mm, contrast=contrast, plane=plane)
-        profile, offset = render_lesion(spec, spacing)
-        if plane is not None:
-            profile, offset = lesion_slice(profile, offset, *plane)
-        paste(delta, spec.contrast * anatomy.tissue_scale * profile, offset)
-        paste(union, profile, offset, np.maximum)
+        spec = sample_lesion(rng, anatomy.brain, anatomy.affine, diameter_mm=diameter_mm, contrast=contrast,
+                             plane=plane, shapes=shapes)
+        parts = [(spec, 1.0)]
+        if spec.shape == "ring":
+            core = replace(spec, shape="ellipsoid", diameter_mm=spec.diameter_mm * RING_CORE,
+                           edge_mm=min(spec.edge_mm, 1.0), texture=0.0)
+            parts.append((core, RING_CORE_CONTRAST - 1.0))
+        for k, (part, weight) in enumerate(parts):
+            profile, offset = render_lesion(part, spacing)
+            if plane is not None:
+                profile, offset = lesion_slice(profile, offset, *plane)
+            paste(delta, weight * spec.contrast * anatomy.tissue_scale * profile, offset)
+            if k == 0:  # the lesion's extent; a ring's core lies inside it
+                paste(union, profile, offset, np.maximum)
         specs.append(spec)
     out = np.asarray(image, dtype=np.float32).copy()
     if n:
@@ -305,6 +336,13 @@ def _bounding_box(mask: NDArray[np.bool_]) -> tuple[NDArray[np.int64], NDArray[n
         raise ValueError("no brain voxel to place a lesion in")
     bounds = [np.flatnonzero(mask.any(axis=tuple(j for j in range(mask.ndim) if j != i))) for i in range(mask.ndim)]
     return np.array([b[0] for b in bounds]), np.array([b[-1] for b in bounds])
+
+
+def _box_distance(pts, rot, semi) -> NDArray[np.float32]:
+    """Signed distance (mm) ``max_j(|q_j| - a_j)`` to a box of semi-axes ``semi`` rotated by ``rot``
+    (``q`` the box-frame coordinates): exact inside and across the faces, a lower bound near corners."""
+    q = [sum(np.float32(rot[i, j]) * pts[i] for i in range(3)) for j in range(3)]
+    return np.maximum(np.maximum(np.abs(q[0]) - semi[0], np.abs(q[1]) - semi[1]), np.abs(q[2]) - semi[2])
 
 
 def _ellipsoid_distance(pts, centre, rot, semi, perturb=None) -> NDArray[np.float32]:

@@ -13,7 +13,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_net_i
 
 from c2f_med.explain import available
 from c2f_med.models.bundle import DEFAULT_BUNDLE
-from c2f_med.models.train import TrainConfig
+from c2f_med.models.train import bundle_network
 from c2f_med.models.vit import LesionViT
 
 CONFIGS = DEFAULT_BUNDLE / "configs"
@@ -84,8 +84,8 @@ def test_network_def_is_what_training_builds():
     parser = ConfigParser()
     parser.read_config(str(INFERENCE))
     shipped = parser.get_parsed_content("network_def").state_dict()
-    cfg = TrainConfig()
-    trained = LesionViT(img_size=cfg.img_size, **cfg.model).state_dict()
+    img_size, kwargs = bundle_network(DEFAULT_BUNDLE)
+    trained = LesionViT(img_size=img_size, **kwargs).state_dict()
     assert {k: v.shape for k, v in shipped.items()} == {k: v.shape for k, v in trained.items()}
 
 

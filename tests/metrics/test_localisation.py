@@ -14,6 +14,7 @@ from c2f_med.metrics.localisation import (
     iou,
     iou_topk,
     localisation_scores,
+    miou_from_counts,
     pixel_auroc,
     pointing_game,
     relevance_mass,
@@ -285,6 +286,15 @@ def test_iou_accumulator_known_value():
     acc = IoUAccumulator()
     acc.update(p, m)
     assert acc.aggregate() == pytest.approx((4 / 8 + 8 / 12) / 2)
+
+
+def test_miou_from_counts_sums_items_before_dividing():
+    counts = np.array([[8, 12, 4, 8], [2, 4, 0, 0]])  # (I_bg, U_bg, I_les, U_les) of two items
+    assert miou_from_counts(counts) == pytest.approx((10 / 16 + 4 / 8) / 2)  # not the mean of item mIoUs
+    batched = miou_from_counts(np.stack([counts, counts[:1].repeat(2, 0)]))  # leading axes: several item sets
+    np.testing.assert_allclose(batched, [(10 / 16 + 4 / 8) / 2, (16 / 24 + 8 / 16) / 2])
+    assert miou_from_counts([[0, 0, 3, 4]]) == pytest.approx(3 / 4)  # empty background union: lesion alone
+    assert np.isnan(miou_from_counts(np.zeros((1, 4))))
 
 
 # ----------------------------------------------------------------------------- Quantus

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from c2f_med.io.transforms import MRPercentileNorm
 from c2f_med.metrics.localisation import pixel_auroc
 from c2f_med.models.bundle import DEFAULT_BUNDLE, load_bundle
-from c2f_med.models.train import slice_dataset
+from c2f_med.models.train import bundle_network, slice_dataset
 from c2f_med.models.vit import LesionViT
 from c2f_med.synth.dataset import synth_case
 
@@ -19,7 +18,8 @@ FRESH_SEED = 101  # never used by training (online seed 0), validation (2) or th
 def test_weights_load_with_weights_only():
     state = torch.load(DEFAULT_BUNDLE / "models" / "model.pt", weights_only=True, map_location="cpu")
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    LesionViT().load_state_dict(state)
+    img_size, kwargs = bundle_network(DEFAULT_BUNDLE)
+    LesionViT(img_size=img_size, **kwargs).load_state_dict(state)
 
 
 def fresh_slice_auroc(cases: int = 6) -> tuple[float, int, int]:
@@ -38,14 +38,8 @@ def fresh_slice_auroc(cases: int = 6) -> tuple[float, int, int]:
     return pixel_auroc(p, y), len(y), int(y.sum())
 
 
-def test_committed_model_is_better_than_untrained():
-    """A guard that the bundle holds trained weights: random weights score about 0.5."""
-    auroc, n, pos = fresh_slice_auroc()
-    assert auroc >= 0.65, f"slice AUROC {auroc:.3f} on {n} fresh slices ({pos} with lesion)"
-
-
-@pytest.mark.xfail(strict=True, reason="issue 3 is open: the committed weights reach slice AUROC 0.83 on fresh "
-                   "scans (target 0.95); remove this marker when retrained weights pass")
 def test_committed_model_detects_lesions_on_fresh_scans():
+    """Issue 3's small-set check (random weights score about 0.5). It is not the 0.95 target: on 6 cases the
+    AUROC varies by several hundredths with the cases drawn (the bundle README gives 30 cases)."""
     auroc, n, pos = fresh_slice_auroc()
     assert auroc >= 0.9, f"slice AUROC {auroc:.3f} on {n} fresh slices ({pos} with lesion)"

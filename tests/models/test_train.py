@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from c2f_med.io.manifest import read_datalist
-from c2f_med.models.train import OnlineLesionSlices, TrainConfig, _curriculum, augment, token_targets, train
+from c2f_med.models.train import (
+    OnlineLesionSlices,
+    TokenLesionHead,
+    TrainConfig,
+    _curriculum,
+    augment,
+    token_targets,
+    train,
+)
 from c2f_med.models.vit import LesionViT
 from tests.conftest import TINY_NETWORK
 
@@ -62,3 +70,30 @@ def test_token_targets_follow_the_token_grid():
     masks[0, 0, 4:8, 8:12] = 1  # exactly token (1, 2) of a 8 x 8 grid of 4 x 4 patches
     target = token_targets(masks, 4)
     assert target.shape == (1, 64) and target.sum() == 1 and target[0, 1 * 8 + 2] == 1
+
+
+def test_bf16_training_head_matches_fp32_closely_and_returns_fp32():
+    torch.manual_seed(0)
+    net = LesionViT(img_size=32, **TINY).eval()
+    x = torch.randn(4, 1, 32, 32)
+    fp32, bf16 = TokenLesionHead(net), TokenLesionHead(net, bf16=True)
+    bf16.head.load_state_dict(fp32.head.state_dict())
+    (l32, t32), (l16, t16) = fp32(x), bf16(x)
+    assert l16.dtype == t16.dtype == torch.float32
+    assert t16.shape == t32.shape == (4, 64)
+    torch.testing.assert_close(l16, l32, atol=0.1, rtol=0.05)  # bfloat16 keeps ~3 significant digits
+    assert not torch.equal(l16, l32)  # it did run in bfloat16
+
+
+def test_training_builds_the_bundles_network(tmp_path):
+    from c2f_med.errors import InputError
+    from c2f_med.models.bundle import DEFAULT_BUNDLE
+    from c2f_med.models.train import bundle_network
+
+    img_size, kwargs = bundle_network(DEFAULT_BUNDLE)
+    assert img_size == 96 and kwargs["stem_depth"] == 2 and "_target_" not in kwargs
+    other = tmp_path / "configs"
+    other.mkdir()
+    (other / "inference.json").write_text(json.dumps({"network_def": {"_target_": "torch.nn.Identity"}}))
+    with pytest.raises(InputError, match="LesionViT"):
+        bundle_network(tmp_path)

@@ -38,6 +38,19 @@ def test_shapes_and_attention_rows(name):
     torch.testing.assert_close(out.logits, model(x))  # recording changes nothing
 
 
+def test_stem_depth_adds_stride_one_convs():
+    torch.manual_seed(0)
+    deep = LesionViT(img_size=32, stem_channels=(8, 16), stem_depth=3, hidden_size=32, mlp_dim=64, num_layers=2,
+                     num_heads=2).eval()
+    convs = [m for m in deep.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 1, 1, 2, 1, 1]
+    assert [c.out_channels for c in convs] == [8, 8, 8, 16, 16, 16]
+    assert deep.stem(torch.randn(2, 1, 32, 32)).shape == (2, 16, 8, 8)
+    assert deep.patch_size == 4 and deep.grid == (8, 8)
+    with pytest.raises(ValueError, match="depth"):
+        LesionViT(img_size=32, stem_channels=(8, 16), stem_depth=0)
+
+
 def test_grid_and_patch_size():
     model = tiny_monai()
     assert model.patch_size == 4 and model.grid == (8, 8)

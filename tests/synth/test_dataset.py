@@ -107,6 +107,14 @@ def test_write_dataset_both_formats(tmp_path):
     assert not list(root.rglob(".*"))  # no temporary files left
 
 
+def test_write_dataset_with_held_out_shapes(tmp_path):
+    path = write_dataset(tmp_path, cases=3, seed=5, shapes=("cuboid", "ring"), progress=False)
+    lesions = json.loads((tmp_path / "lesions.json").read_text())
+    shapes = {lesion["shape"] for case in lesions.values() for lesion in case["lesions"]}
+    assert shapes and shapes <= {"cuboid", "ring"}
+    assert "cuboid, ring" in json.loads(path.read_text())["description"]
+
+
 def test_write_dataset_dicom_only_points_at_the_series(tmp_path):
     path = write_dataset(tmp_path, cases=1, seed=2, fmt="dicom", progress=False)
     data, items = load_datalist(path)
@@ -122,6 +130,7 @@ def test_write_dataset_dicom_only_points_at_the_series(tmp_path):
     (dict(cases=0, seed=0, fmt="nifti"), "cases"),
     (dict(cases=1, seed=-1, fmt="nifti"), "seed"),
     (dict(cases=1, seed=0, fmt="png"), "format"),
+    (dict(cases=1, seed=0, fmt="nifti", shapes=("cuboid", "star")), "shapes"),
 ])
 def test_write_dataset_rejects_bad_arguments(tmp_path, kwargs, problem):
     with pytest.raises(InputError, match=problem):
