@@ -108,6 +108,13 @@ def three_way(e: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     return region
 
 
+def _level1_regions(e1: torch.Tensor, alpha1: float, beta1: float, region1: torch.Tensor | None) -> torch.Tensor:
+    """Level-1 regions of :func:`decide` and :func:`decide_split`: ``region1`` when given, else ``three_way(e1)``."""
+    if region1 is None:
+        return three_way(e1, alpha1, beta1)
+    return torch.as_tensor(region1, dtype=torch.int8, device=e1.device)
+
+
 @dataclass
 class Decision:
     """The outcome of S3WM for one slice's ``K`` masks.
@@ -152,7 +159,7 @@ def decide(
     """
     e1 = torch.as_tensor(e1, dtype=torch.float32)
     e2 = torch.as_tensor(e2, dtype=torch.float32, device=e1.device)
-    r1 = three_way(e1, alpha1, beta1) if region1 is None else torch.as_tensor(region1, dtype=torch.int8, device=e1.device)
+    r1 = _level1_regions(e1, alpha1, beta1, region1)
     bnd1 = r1 == BND
     r2 = three_way(e2, alpha2, beta2)  # meaningful only on BND1
     pos2, neg2, bnd2 = bnd1 & (r2 == POS), bnd1 & (r2 == NEG), bnd1 & (r2 == BND)
@@ -221,7 +228,7 @@ def decide_split(
         alpha1, beta1, alpha2, beta2, gamma3, k_min, region1: as in :func:`decide`.
     """
     e1 = torch.as_tensor(e1, dtype=torch.float32)
-    r1 = three_way(e1, alpha1, beta1) if region1 is None else torch.as_tensor(region1, dtype=torch.int8, device=e1.device)
+    r1 = _level1_regions(e1, alpha1, beta1, region1)
     gate = r1 == POS
     child_gate = [torch.zeros(len(e), dtype=torch.bool, device=e1.device) for e in e2_children]
     counts = dict.fromkeys(("pos2", "neg2", "bnd2", "acc3"), 0)

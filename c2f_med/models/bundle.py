@@ -12,7 +12,7 @@ import torch
 from c2f_med.errors import InputError
 from c2f_med.models.vit import TokenViT
 
-__all__ = ["Bundle", "load_bundle", "sha256_file", "DEFAULT_BUNDLE"]
+__all__ = ["Bundle", "inference_config", "load_bundle", "sha256_file", "DEFAULT_BUNDLE"]
 
 #: the bundle this repository ships
 DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "c2f_lesion_vit"
@@ -48,6 +48,23 @@ class Bundle:
     config: dict[str, Any]
 
 
+def inference_config(root: str | Path):
+    """``root/configs/inference.json`` read by MONAI's ``ConfigParser``, with ``bundle_root`` set to ``root``.
+
+    Raises:
+        InputError: the config file is missing.
+    """
+    from monai.bundle import ConfigParser
+
+    config_file = Path(root) / "configs" / "inference.json"
+    if not config_file.exists():
+        raise InputError(config_file, "bundle file not found")
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser["bundle_root"] = str(root)
+    return parser
+
+
 def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Build ``network_def`` of ``root/configs/inference.json`` and load ``root/models/model.pt``.
 
@@ -56,17 +73,13 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> Bundle:
     Raises:
         InputError: the folder, config or weights are missing or do not fit each other.
     """
-    from monai.bundle import ConfigParser
-
     root = Path(root)
     config_file, weights = root / "configs" / "inference.json", root / "models" / "model.pt"
     for path in (root, config_file, weights):
         if not path.exists():
             raise InputError(path, "bundle file not found")
-    parser = ConfigParser()
     try:
-        parser.read_config(str(config_file))
-        parser["bundle_root"] = str(root)
+        parser = inference_config(root)
         model = parser.get_parsed_content("network_def", instantiate=True)
     except Exception as err:  # noqa: BLE001 - any config problem is the bundle's
         raise InputError(config_file, f"cannot build network_def ({type(err).__name__}: {err})") from err

@@ -37,7 +37,8 @@ from torch.utils.data import IterableDataset
 
 from c2f_med.slices import INPUT_MEAN, INPUT_STD, normalise_input, to_model_grid, volume_slices
 
-__all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "augment", "bundle_network", "slice_dataset", "train"]
+__all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "augment", "bundle_network", "slice_dataset",
+           "train"]
 
 
 @dataclass
@@ -448,16 +449,11 @@ def plot_curve(log_csv: Path, png: Path) -> None:
 def bundle_network(bundle: Path) -> tuple[int, dict]:
     """``(img_size, LesionViT keyword arguments)`` of the bundle's ``network_def`` (configs/inference.json),
     so that training builds exactly the network that inference loads."""
-    from monai.bundle import ConfigParser
-
     from c2f_med.errors import InputError
+    from c2f_med.models.bundle import inference_config
 
+    parser = inference_config(bundle)
     config_file = Path(bundle) / "configs" / "inference.json"
-    if not config_file.exists():
-        raise InputError(config_file, "bundle config not found")
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser["bundle_root"] = str(bundle)
     target = parser.get("network_def::_target_")
     if target != "c2f_med.models.vit.LesionViT":
         raise InputError(config_file, f"training builds c2f_med.models.vit.LesionViT, network_def is {target!r}")
@@ -469,8 +465,9 @@ def bundle_network(bundle: Path) -> tuple[int, dict]:
 
 def run_training(datalist: Path, bundle: Path, *, epochs: int, seed: int, online_lesions: bool,
                  epoch_steps: int = 250) -> dict:
-    """``c2f-med train``: train the bundle's ``network_def`` (:func:`bundle_network`), then write ``models/model.pt``, ``models/training_log.csv``,
-    ``models/train_summary.json`` and ``docs/training_curve.png`` into ``bundle``."""
+    """``c2f-med train``: train the bundle's ``network_def`` (:func:`bundle_network`), then write
+    ``models/model.pt``, ``models/training_log.csv``, ``models/train_summary.json`` and
+    ``docs/training_curve.png`` into ``bundle``."""
     from c2f_med.atomic import write_json
     from c2f_med.errors import InputError
     from c2f_med.io.manifest import read_datalist

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from c2f_med.atomic import write_json
 from c2f_med.errors import InputError
 from c2f_med.synth.anatomy import finalise, make_anatomy
-from c2f_med.synth.lesions import HELD_OUT_SHAPES, SHAPES, LesionSpec, insert_lesions
+from c2f_med.synth.lesions import SHAPES, LesionSpec, check_shapes, insert_lesions
 from c2f_med.synth.writers import write_dicom_series, write_nifti
 
 __all__ = ["FORMATS", "Case", "case_id", "split_cases", "synth_case", "write_dataset"]
@@ -158,8 +158,10 @@ def write_dataset(out: str | os.PathLike, cases: int, seed: int, fmt: str = "nif
         raise InputError(out, f"seed must be >= 0, got {seed}")
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
-    if not shapes or set(shapes) - set(SHAPES + HELD_OUT_SHAPES):
-        raise InputError(out, f"shapes must be among {', '.join(SHAPES + HELD_OUT_SHAPES)}, got {', '.join(shapes)}")
+    try:
+        check_shapes(shapes)
+    except ValueError as err:
+        raise InputError(out, str(err)) from err
 
     items, lesions = [], {}
     for index in tqdm(range(cases), desc="synth", unit="case", disable=not progress):

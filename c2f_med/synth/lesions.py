@@ -37,6 +37,7 @@ __all__ = [
     "HELD_OUT_SHAPES",
     "SHAPES",
     "LesionSpec",
+    "check_shapes",
     "insert_lesions",
     "lesion_slice",
     "paste",
@@ -102,6 +103,12 @@ class LesionSpec:
         return self.diameter_mm / 2 * max(self.axes) * extent + _CUTOFF * self.edge_mm
 
 
+def check_shapes(shapes: tuple[str, ...]) -> None:
+    """Raise ``ValueError`` unless ``shapes`` is a non-empty subset of :data:`SHAPES` + :data:`HELD_OUT_SHAPES`."""
+    if not shapes or set(shapes) - set(SHAPES + HELD_OUT_SHAPES):
+        raise ValueError(f"shapes must be among {', '.join(SHAPES + HELD_OUT_SHAPES)}, got {', '.join(shapes)}")
+
+
 def sample_lesion(
     rng: np.random.Generator,
     brain: NDArray[np.bool_],
@@ -130,9 +137,7 @@ def sample_lesion(
         shapes: drawn uniformly from these (:data:`SHAPES` and / or :data:`HELD_OUT_SHAPES`).
         max_tries: rejection-sampling budget for the centre.
     """
-    unknown = set(shapes) - set(SHAPES + HELD_OUT_SHAPES)
-    if not shapes or unknown:
-        raise ValueError(f"shapes must be a non-empty subset of {SHAPES + HELD_OUT_SHAPES}, got {shapes}")
+    check_shapes(shapes)
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
     shape = shapes[rng.integers(len(shapes))]
     diameter = float(rng.uniform(*diameter_mm))
