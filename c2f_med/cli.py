@@ -45,10 +45,11 @@ def _synth(a: argparse.Namespace) -> None:
 
 
 def _train(a: argparse.Namespace) -> None:
-    from c2f_med.models.train import run_training
+    from c2f_med.models.train import recipe_value, run_training
 
+    recipe = dict(recipe_value(item) for item in a.set)
     result = run_training(a.datalist, a.bundle, epochs=a.epochs, seed=a.seed, online_lesions=a.online_lesions,
-                          epoch_steps=a.epoch_steps)
+                          epoch_steps=a.epoch_steps, init=a.init, recipe=recipe)
     best = result["best"]
     print(f"best validation slice AUROC {best['val_auroc']:.4f}, accuracy {best['val_accuracy']:.4f} "
           f"at step {best['step']}; weights in {Path(a.bundle) / 'models' / 'model.pt'}")
@@ -152,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--online-lesions", action="store_true",
                    help="train on synthetic anatomies with lesions drawn afresh for every volume")
+    t.add_argument("--init", type=Path,
+                   help="start from this state dict (a model.pt of the bundle's network) instead of random weights")
+    t.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change one field of the training recipe (c2f_med.models.train.TrainConfig; JSON "
+                        "values), e.g. --set lr=3e-4 --set curriculum_fraction=0 to fine-tune; repeatable")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("explain", help="saliency volume, overlay, predictions (and scores) for one scan")

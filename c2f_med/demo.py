@@ -2,7 +2,8 @@
 
 1. Synthesise the demo scans if they are missing (validation: synth seed 2, 12 cases; testing:
    synth seed 3, 8 cases; the folders ``data_manifests/demo.json`` points to; and the design
-   search's second validation seed 4, 12 cases, of ``data_manifests/search_seed4.json``).
+   search's second validation seed 4, 12 cases, of ``data_manifests/search_seed4.json``; the
+   classifier's checkpoint-selection set, seed 5, 36 cases, of ``data_manifests/classifier_val.json``).
 2. Run the bundle with MONAI's own runner on the testing cases: per-slice prediction, C2F
    explanation, lesion scores and exports (saliency NIfTI on each scan's grid, PNG overlays).
 3. Score every explainer against the lesion masks on the same slices (``c2f-med evaluate``).
@@ -22,7 +23,7 @@ from c2f_med.models.bundle import DEFAULT_BUNDLE
 REPO = DEFAULT_BUNDLE.parents[1]
 DATALIST = REPO / "data_manifests" / "demo.json"
 DATA = REPO / "demo_data"  # where DATALIST's relative paths point
-SPLITS = {"val": (2, 12), "test": (3, 8), "val4": (4, 12)}  # folder: (synth seed, cases)
+SPLITS = {"val": (2, 12), "test": (3, 8), "val4": (4, 12), "val5": (5, 36)}  # folder: (synth seed, cases)
 METHODS = "c2f,vitcx,vitcx-sq,rollout,attention,gae,gradcam"
 
 

@@ -17,16 +17,21 @@ off for norms / biases / position embeddings / CLS, gradient clipping, and a cur
 widens the lesion contrast and size ranges from conspicuous to the full range over the first
 quarter of the steps. The forward pass runs in bfloat16 under CPU autocast (``TrainConfig.bf16``):
 measured 0.23-0.26 s against 0.44-0.46 s per step of 32 slices on this project's 2-core machine.
+Fine-tuning starts from a state dict (``TrainConfig.init``) with recipe fields changed
+(:func:`recipe_value` parses ``c2f-med train --set``), as the shipped weights' later stages did.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
+import json
 import math
+import pickle
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +42,8 @@ from torch.utils.data import IterableDataset
 
 from c2f_med.slices import INPUT_MEAN, INPUT_STD, normalise_input, to_model_grid, volume_slices
 
-__all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "augment", "bundle_network", "slice_dataset",
-           "train"]
+__all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "augment", "bundle_network", "plot_curve",
+           "recipe_value", "slice_dataset", "train"]
 
 
 @dataclass
@@ -65,14 +70,41 @@ class TrainConfig:
     token_pos_weight: float = 10.0  # BCE weight of lesion tokens (they are a few of 144)
     twin_negative: float = 0.75  # share of negatives taken at a positive's slice of the lesion-free twin
     seed: int = 0
+    init: str | None = None  # state dict (a model.pt) to start from instead of random weights: fine-tuning
     bf16: bool = True  # CPU autocast to bfloat16 for the forward pass (fp32 master weights): ~1.8x faster here
     model: dict = field(default_factory=dict)  # LesionViT keyword arguments (run_training: the bundle's network_def)
     img_size: int = 96
 
 
+RECIPE_FIXED = ("steps", "epoch_steps", "seed", "init", "model", "img_size")  # set by run_training's own arguments
+
+
+def recipe_value(item: str) -> tuple[str, object]:
+    """``"lr=3e-4"`` -> ``("lr", 0.0003)``: one :class:`TrainConfig` field and its value (``c2f-med train --set``).
+
+    Values are JSON (``2e-4``, ``0``, ``true``, ``[3, 20]``); lists become tuples. Raises
+    :class:`~c2f_med.errors.InputError` naming the item when it is not ``FIELD=VALUE``, the field is
+    unknown or set by other arguments (:data:`RECIPE_FIXED`), or the value is not JSON.
+    """
+    from c2f_med.errors import InputError
+
+    name, sep, text = item.partition("=")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(RECIPE_FIXED)
+    if not sep:
+        raise InputError(None, f"--set {item!r}: expected FIELD=VALUE, e.g. lr=3e-4")
+    if name not in fields:
+        raise InputError(None, f"--set {item!r}: not a recipe field; one of {', '.join(sorted(fields))}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(None, f"--set {item!r}: the value is not JSON ({exc.msg})") from exc
+    return name, tuple(value) if isinstance(value, list) else value
+
+
 def _curriculum(cfg: TrainConfig, step: int) -> dict[str, tuple[float, float]]:
-    """Lesion ranges at ``step``: minimum diameter / contrast move linearly to the full range."""
-    frac = min(1.0, step / max(1, cfg.curriculum_fraction * cfg.steps))
+    """Lesion ranges at ``step``: minimum diameter / contrast move linearly to the full range
+    (the full range from the start with ``curriculum_fraction`` 0)."""
+    frac = min(1.0, step / (cfg.curriculum_fraction * cfg.steps)) if cfg.curriculum_fraction > 0 else 1.0
     d_min = cfg.start_diameter_mm + frac * (cfg.diameter_mm[0] - cfg.start_diameter_mm)
     c_min = cfg.start_contrast + frac * (cfg.contrast[0] - cfg.start_contrast)
     return {"diameter_mm": (d_min, cfg.diameter_mm[1]), "contrast": (c_min, cfg.contrast[1])}
@@ -228,6 +260,18 @@ def augment(x: torch.Tensor, rng: np.random.Generator, masks: torch.Tensor | Non
     return normalise_input(raw) if masks is None else (normalise_input(raw), masks)
 
 
+def _load_init(net: nn.Module, path: Path) -> None:
+    """Load the state dict at ``path`` (``weights_only``) into ``net``; a clear error when it is missing or does not fit."""
+    from c2f_med.errors import InputError
+
+    if not path.is_file():
+        raise InputError(path, "no such file to start training from")
+    try:
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (RuntimeError, pickle.UnpicklingError) as exc:
+        raise InputError(path, f"is not a state dict of the bundle's network: {str(exc).splitlines()[0]}") from exc
+
+
 def _load_cases(items: list[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Preset-normalised ``X x Y x Z`` scans and masks (``None`` without a label) of datalist items."""
     from c2f_med.io.transforms import load_case_transforms
@@ -332,6 +376,8 @@ def train(
     device = torch.device("cpu")
 
     net = LesionViT(img_size=cfg.img_size, **cfg.model).to(device)
+    if cfg.init is not None:
+        _load_init(net, Path(cfg.init))
     source = OnlineLesionSlices(cfg) if train_items is None else DatalistSlices(train_items, cfg)
     # no worker process: on 2 cores a worker beside torch's threads oversubscribes them (measured
     # ~4 s/step against 0.6 s/step in-process)
@@ -422,8 +468,13 @@ def train(
     return {"best": best, "config": asdict(cfg), "val_slices": int(len(vy)), "val_positive": int(vy.sum())}
 
 
-def plot_curve(log_csv: Path, png: Path) -> None:
-    """Training loss and validation AUROC / accuracy against steps, as a PNG."""
+def plot_curve(logs: Sequence[Path], png: Path) -> None:
+    """Training loss and validation AUROC / accuracy against steps, as a PNG.
+
+    ``logs``: the ``training_log.csv`` of each stage in order (a run, then runs fine-tuning its
+    weights with ``init``); a stage's steps continue from the previous stage's last step, and a
+    dotted line marks where each later stage starts.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,13 +482,22 @@ def plot_curve(log_csv: Path, png: Path) -> None:
 
     from c2f_med.atomic import atomic_path
 
-    rows = list(csv.DictReader(open(log_csv)))
-    step = [int(r["step"]) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax1.plot(step, [float(r["loss"]) for r in rows])
+    offset, steps, loss, auroc, accuracy = 0, [], [], [], []
+    for k, log in enumerate(logs):
+        rows = list(csv.DictReader(open(log)))
+        if k:
+            for ax in (ax1, ax2):
+                ax.axvline(offset, color="grey", linestyle=":", linewidth=1)
+        steps += [offset + int(r["step"]) for r in rows]
+        loss += [float(r["loss"]) for r in rows]
+        auroc += [float(r["val_auroc"]) for r in rows]
+        accuracy += [float(r["val_accuracy"]) for r in rows]
+        offset = steps[-1]
+    ax1.plot(steps, loss)
     ax1.set(xlabel="step", ylabel="training loss (epoch mean)")
-    ax2.plot(step, [float(r["val_auroc"]) for r in rows], label="slice AUROC")
-    ax2.plot(step, [float(r["val_accuracy"]) for r in rows], label="slice accuracy")
+    ax2.plot(steps, auroc, label="slice AUROC")
+    ax2.plot(steps, accuracy, label="slice accuracy")
     ax2.set(xlabel="step", ylabel="validation", ylim=(0.5, 1.0))
     ax2.legend(loc="lower right")
     fig.tight_layout()
@@ -464,10 +524,15 @@ def bundle_network(bundle: Path) -> tuple[int, dict]:
 
 
 def run_training(datalist: Path, bundle: Path, *, epochs: int, seed: int, online_lesions: bool,
-                 epoch_steps: int = 250) -> dict:
+                 epoch_steps: int = 250, init: Path | None = None, recipe: dict | None = None) -> dict:
     """``c2f-med train``: train the bundle's ``network_def`` (:func:`bundle_network`), then write
     ``models/model.pt``, ``models/training_log.csv``, ``models/train_summary.json`` and
-    ``docs/training_curve.png`` into ``bundle``."""
+    ``docs/training_curve.png`` into ``bundle``.
+
+    ``init``: a state dict to start from (fine-tuning); ``recipe``: :class:`TrainConfig` fields
+    that replace its defaults (e.g. ``{"lr": 3e-4, "curriculum_fraction": 0}`` for fine-tuning).
+    Both are recorded in ``train_summary.json``'s config.
+    """
     from c2f_med.atomic import write_json
     from c2f_med.errors import InputError
     from c2f_med.io.manifest import read_datalist
@@ -480,9 +545,10 @@ def run_training(datalist: Path, bundle: Path, *, epochs: int, seed: int, online
         raise InputError(datalist, "has no 'training' cases (or pass --online-lesions)")
     img_size, model = bundle_network(Path(bundle))
     cfg = TrainConfig(steps=epochs * epoch_steps, epoch_steps=epoch_steps, seed=seed, img_size=img_size, model=model)
+    cfg = replace(cfg, init=None if init is None else str(init), **(recipe or {}))
     result = train(Path(bundle), val_items, cfg, train_items)
     result["datalist"] = str(datalist)
     result["online_lesions"] = online_lesions
     write_json(Path(bundle) / "models" / "train_summary.json", result)
-    plot_curve(Path(bundle) / "models" / "training_log.csv", Path(bundle) / "docs" / "training_curve.png")
+    plot_curve([Path(bundle) / "models" / "training_log.csv"], Path(bundle) / "docs" / "training_curve.png")
     return result

@@ -124,7 +124,7 @@ def test_train_config_calls_run_training(monkeypatch, tmp_path):
     workflow.initialize()
     workflow.run()
     assert calls == [((Path("dl.json"), tmp_path),
-                      {"epochs": 2, "seed": 5, "online_lesions": True, "epoch_steps": 500})]
+                      {"epochs": 2, "seed": 5, "online_lesions": True, "epoch_steps": 500, "init": None, "recipe": {}})]
 
 
 def test_logging_conf_is_model_zoo_style():

@@ -97,3 +97,62 @@ def test_training_builds_the_bundles_network(tmp_path):
     (other / "inference.json").write_text(json.dumps({"network_def": {"_target_": "torch.nn.Identity"}}))
     with pytest.raises(InputError, match="LesionViT"):
         bundle_network(tmp_path)
+
+
+def test_init_starts_from_the_given_weights(tiny_datalist, tmp_path):
+    items = read_datalist(tiny_datalist, "testing")
+    start = LesionViT(img_size=32, **TINY)
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    cfg = TrainConfig(steps=2, epoch_steps=2, batch_size=8, lr=1e-12, warmup_steps=1, img_size=32, model=TINY,
+                      init=str(tmp_path / "start.pt"), seed=5)
+    train(tmp_path / "bundle", items, cfg, train_items=items, progress=False)
+    tuned = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
+    for name, value in start.named_parameters():  # lr ~0: the weights are still the ones it started from
+        torch.testing.assert_close(tuned[name], value.detach(), rtol=0, atol=1e-6)  # (BatchNorm's buffers do move)
+
+
+def test_init_that_does_not_fit_is_a_clear_error(tiny_datalist, tmp_path):
+    from c2f_med.errors import InputError
+
+    items = read_datalist(tiny_datalist, "testing")
+    other = LesionViT(img_size=32, **{**TINY, "hidden_size": TINY["hidden_size"] * 2, "mlp_dim": 8})
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    for path, message in ((tmp_path / "other.pt", "not a state dict"), (tmp_path / "missing.pt", "no such file")):
+        cfg = TrainConfig(steps=1, epoch_steps=1, batch_size=8, img_size=32, model=TINY, init=str(path))
+        with pytest.raises(InputError, match=message) as info:
+            train(tmp_path / "bundle", items, cfg, train_items=items, progress=False)
+        assert path.name in str(info.value)
+
+
+def test_curriculum_fraction_zero_gives_the_full_range_at_once():
+    cfg = TrainConfig(steps=1000, curriculum_fraction=0.0)
+    assert _curriculum(cfg, 0)["contrast"] == pytest.approx(cfg.contrast)
+    assert _curriculum(cfg, 0)["diameter_mm"] == pytest.approx(cfg.diameter_mm)
+
+
+def test_recipe_values_are_parsed_and_checked():
+    from c2f_med.errors import InputError
+    from c2f_med.models.train import recipe_value
+
+    assert recipe_value("lr=3e-4") == ("lr", 3e-4)
+    assert recipe_value("diameter_mm=[5, 20]") == ("diameter_mm", (5, 20))
+    assert recipe_value("bf16=false") == ("bf16", False)
+    for bad, message in (("lr", "FIELD=VALUE"), ("learning_rate=1", "not a recipe field"),
+                         ("steps=10", "not a recipe field"), ("lr=fast", "not JSON")):
+        with pytest.raises(InputError, match=message):
+            recipe_value(bad)
+
+
+def test_training_curve_joins_stages(tmp_path):
+    import matplotlib.image
+
+    from c2f_med.models.train import plot_curve
+
+    logs = []
+    for k in range(2):
+        log = tmp_path / f"stage{k}.csv"
+        log.write_text("step,seconds,loss,val_auroc,val_accuracy\n500,10,0.8,0.7,0.8\n1000,20,0.7,0.75,0.85\n")
+        logs.append(log)
+    plot_curve(logs, tmp_path / "curve.png")
+    image = matplotlib.image.imread(tmp_path / "curve.png")
+    assert image.shape[0] > 100 and image.shape[1] > 2 * image.shape[0]  # two panels side by side
