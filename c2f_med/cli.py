@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="c2f-med", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="verb", required=True)
 
-    from c2f_med.models.bundle import DEFAULT_BUNDLE
+    from c2f_med.models import DEFAULT_BUNDLE
     from c2f_med.synth.lesions import HELD_OUT_SHAPES, SHAPES
 
     def bundle_args(s: argparse.ArgumentParser) -> None:

@@ -120,3 +120,14 @@ def test_synth_verb_is_deterministic(capsys, tmp_path):
     a, b = (nib.load(next((tmp_path / o / "images").glob("*.nii.gz"))).get_fdata() for o in ("a", "b"))
     np.testing.assert_array_equal(a, b)
     shutil.rmtree(tmp_path / "a")
+
+
+def test_help_does_not_import_torch():
+    """Building the parser (``c2f-med --help``) imports no torch or MONAI: the verbs import them when they run."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from c2f_med.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -10,12 +10,10 @@ from typing import Any
 import torch
 
 from c2f_med.errors import InputError
+from c2f_med.models import DEFAULT_BUNDLE
 from c2f_med.models.vit import TokenViT
 
 __all__ = ["Bundle", "inference_config", "load_bundle", "sha256_file", "DEFAULT_BUNDLE"]
-
-#: the bundle this repository ships
-DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "c2f_lesion_vit"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
