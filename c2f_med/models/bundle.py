@@ -13,7 +13,7 @@ from c2f_med.errors import InputError
 from c2f_med.models import DEFAULT_BUNDLE
 from c2f_med.models.vit import TokenViT
 
-__all__ = ["Bundle", "inference_config", "load_bundle", "sha256_file", "DEFAULT_BUNDLE"]
+__all__ = ["Bundle", "inference_config", "load_bundle", "load_weights", "sha256_file", "DEFAULT_BUNDLE"]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -63,6 +63,23 @@ def inference_config(root: str | Path):
     return parser
 
 
+def load_weights(net: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu",
+                 problem: str = "cannot load the weights") -> None:
+    """Load the state dict at ``path`` into ``net`` with ``weights_only=True`` (no pickled code runs).
+
+    Raises:
+        InputError: ``path`` names no file, or its content is not a state dict that fits ``net``
+            (the message: ``problem`` and the cause).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file of weights")
+    try:
+        net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except Exception as err:  # noqa: BLE001 - any failure here is the file's
+        raise InputError(path, f"{problem} ({type(err).__name__}: {str(err)[:200]})") from err
+
+
 def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Build ``network_def`` of ``root/configs/inference.json`` and load ``root/models/model.pt``.
 
@@ -81,11 +98,7 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> Bundle:
         model = parser.get_parsed_content("network_def", instantiate=True)
     except Exception as err:  # noqa: BLE001 - any config problem is the bundle's
         raise InputError(config_file, f"cannot build network_def ({type(err).__name__}: {err})") from err
-    try:
-        state = torch.load(weights, map_location=device, weights_only=True)
-        model.load_state_dict(state)
-    except Exception as err:  # noqa: BLE001
-        raise InputError(weights, f"cannot load the weights ({type(err).__name__}: {str(err)[:200]})") from err
+    load_weights(model, weights, device)
     plain = {k: parser[k] for k in ("preset", "lesion_class", "axis", "method", "img_size") if k in parser}
     return Bundle(
         root=root,

@@ -28,10 +28,9 @@ import dataclasses
 import itertools
 import json
 import math
-import pickle
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,7 @@ from torch.utils.data import IterableDataset
 from c2f_med.slices import INPUT_MEAN, INPUT_STD, normalise_input, to_model_grid, volume_slices
 
 __all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "augment", "bundle_network", "plot_curve",
-           "recipe_value", "slice_dataset", "train"]
+           "recipe_fields", "recipe_value", "slice_dataset", "train"]
 
 
 @dataclass
@@ -79,6 +78,11 @@ class TrainConfig:
 RECIPE_FIXED = ("steps", "epoch_steps", "seed", "init", "model", "img_size")  # set by run_training's own arguments
 
 
+def recipe_fields() -> set[str]:
+    """The :class:`TrainConfig` fields a recipe may change (all but :data:`RECIPE_FIXED`)."""
+    return {f.name for f in dataclasses.fields(TrainConfig)} - set(RECIPE_FIXED)
+
+
 def recipe_value(item: str) -> tuple[str, object]:
     """``"lr=3e-4"`` -> ``("lr", 0.0003)``: one :class:`TrainConfig` field and its value (``c2f-med train --set``).
 
@@ -89,11 +93,10 @@ def recipe_value(item: str) -> tuple[str, object]:
     from c2f_med.errors import InputError
 
     name, sep, text = item.partition("=")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(RECIPE_FIXED)
     if not sep:
         raise InputError(None, f"--set {item!r}: expected FIELD=VALUE, e.g. lr=3e-4")
-    if name not in fields:
-        raise InputError(None, f"--set {item!r}: not a recipe field; one of {', '.join(sorted(fields))}")
+    if name not in recipe_fields():
+        raise InputError(None, f"--set {item!r}: not a recipe field; one of {', '.join(sorted(recipe_fields()))}")
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -260,18 +263,6 @@ def augment(x: torch.Tensor, rng: np.random.Generator, masks: torch.Tensor | Non
     return normalise_input(raw) if masks is None else (normalise_input(raw), masks)
 
 
-def _load_init(net: nn.Module, path: Path) -> None:
-    """Load the state dict at ``path`` (``weights_only``) into ``net``; a clear error when it is missing or does not fit."""
-    from c2f_med.errors import InputError
-
-    if not path.is_file():
-        raise InputError(path, "no such file to start training from")
-    try:
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except (RuntimeError, pickle.UnpicklingError) as exc:
-        raise InputError(path, f"is not a state dict of the bundle's network: {str(exc).splitlines()[0]}") from exc
-
-
 def _load_cases(items: list[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Preset-normalised ``X x Y x Z`` scans and masks (``None`` without a label) of datalist items."""
     from c2f_med.io.transforms import load_case_transforms
@@ -366,6 +357,7 @@ def train(
     from monai.utils import set_determinism
 
     from c2f_med.atomic import atomic_path
+    from c2f_med.models.bundle import load_weights
     from c2f_med.models.vit import LesionViT
 
     set_determinism(cfg.seed)
@@ -377,7 +369,7 @@ def train(
 
     net = LesionViT(img_size=cfg.img_size, **cfg.model).to(device)
     if cfg.init is not None:
-        _load_init(net, Path(cfg.init))
+        load_weights(net, cfg.init, device, problem="is not a state dict of the bundle's network")
     source = OnlineLesionSlices(cfg) if train_items is None else DatalistSlices(train_items, cfg)
     # no worker process: on 2 cores a worker beside torch's threads oversubscribes them (measured
     # ~4 s/step against 0.6 s/step in-process)
@@ -537,6 +529,11 @@ def run_training(datalist: Path, bundle: Path, *, epochs: int, seed: int, online
     from c2f_med.errors import InputError
     from c2f_med.io.manifest import read_datalist
 
+    recipe = dict(recipe or {})  # from --set (checked per item) or the bundle's train.json (checked here)
+    unknown = set(recipe) - recipe_fields()
+    if unknown:
+        raise InputError(None, f"recipe fields {', '.join(sorted(unknown))} are not among "
+                               f"{', '.join(sorted(recipe_fields()))}")
     val_items = read_datalist(datalist, "validation")
     train_items = None if online_lesions else read_datalist(datalist, "training")
     if not val_items:
@@ -544,8 +541,8 @@ def run_training(datalist: Path, bundle: Path, *, epochs: int, seed: int, online
     if train_items is not None and not train_items:
         raise InputError(datalist, "has no 'training' cases (or pass --online-lesions)")
     img_size, model = bundle_network(Path(bundle))
-    cfg = TrainConfig(steps=epochs * epoch_steps, epoch_steps=epoch_steps, seed=seed, img_size=img_size, model=model)
-    cfg = replace(cfg, init=None if init is None else str(init), **(recipe or {}))
+    cfg = TrainConfig(steps=epochs * epoch_steps, epoch_steps=epoch_steps, seed=seed, img_size=img_size, model=model,
+                      init=None if init is None else str(init), **recipe)
     result = train(Path(bundle), val_items, cfg, train_items)
     result["datalist"] = str(datalist)
     result["online_lesions"] = online_lesions

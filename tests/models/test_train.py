@@ -156,3 +156,13 @@ def test_training_curve_joins_stages(tmp_path):
     plot_curve(logs, tmp_path / "curve.png")
     image = matplotlib.image.imread(tmp_path / "curve.png")
     assert image.shape[0] > 100 and image.shape[1] > 2 * image.shape[0]  # two panels side by side
+
+
+def test_run_training_rejects_unknown_recipe_fields(tmp_path):
+    """The bundle's train.json passes ``recipe`` straight to run_training: it is checked there too."""
+    from c2f_med.errors import InputError
+    from c2f_med.models.train import run_training
+
+    for recipe in ({"learning_rate": 1e-3}, {"seed": 3}):
+        with pytest.raises(InputError, match="not among"):
+            run_training(tmp_path / "dl.json", tmp_path, epochs=1, seed=0, online_lesions=True, recipe=recipe)
