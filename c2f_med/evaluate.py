@@ -72,6 +72,7 @@ from c2f_med.summary import (
     REFERENCE_METHOD,
     SCORE_KEYS,
     aggregate,
+    classifier_rows,
     classifier_scores,
     iou_counts,
     summarise,
@@ -207,9 +208,7 @@ def evaluate_case(
         result = explain_volume(scan, explainer, axis=AXIS, target=target, slice_batch=SLICE_BATCH, progress=False,
                                 slices=lesion, keep_model_grid=True)
         if method == methods[0]:  # the classifier's numbers do not depend on the method
-            out.classifier = [{"case": case, "slice": p.index, "probability": p.probability,
-                               "lesion": bool(has_lesion[p.index])}
-                              for p in result.predictions if not math.isnan(p.probability)]
+            out.classifier = classifier_rows(case, result.predictions, label, AXIS)
         probability = {p.index: p.probability for p in result.predictions}
         volume_map = result.saliency[0].numpy()  # X x Y x Z
         saliency = np.moveaxis(volume_map, AXIS, 0)  # n x h x w

@@ -154,7 +154,8 @@ def _summary_section(summary: Mapping[str, Any]) -> str:
         '<section id="summary"><h2>Summary</h2>'
         f'<p class="meta">{_count(summary.get("cases"))} cases, {_count(summary.get("lesion_slices"))} lesion '
         f'slices; slice classifier AUROC {_fmt(clf.get("slice_auroc"))}, accuracy '
-        f'{_fmt(clf.get("slice_accuracy"))}.</p>'
+        f'{_fmt(clf.get("slice_accuracy"))}; per lesion ({_count(clf.get("lesions"))} 3-D lesions, each by its '
+        f'best slice) AUROC {_fmt(clf.get("lesion_auroc"))}, found {_fmt(clf.get("lesion_sensitivity"))}.</p>'
         f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div></section>')
 
 

@@ -14,7 +14,9 @@ A *row* is the score of one method on one lesion slice (a dict, one line of ``pe
 
 A *classifier row* is the classifier's view of one non-background slice::
 
-    {"case": str, "slice": int, "probability": float (of the lesion class), "lesion": bool}
+    {"case": str, "slice": int, "probability": float (of the lesion class), "lesion": bool,
+     "lesions": list[int] (the case's 3-D lesions that the slice cuts: connected components of the
+        mask, numbered per case; empty on a lesion-free slice)}
 
 :func:`summarise` turns rows into the ``summary.json`` dict of the contract (architecture.md)
 plus a few extras; :func:`write_summary` writes it as ``summary.json`` and ``summary.md``. Rows may
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from skimage import measure
 
 from c2f_med.atomic import write_json, write_text
 from c2f_med.metrics.bootstrap import bootstrap_ci, paired_bootstrap, paired_bootstrap_miou
@@ -48,6 +51,7 @@ __all__ = [
     "RECORD_KEYS",
     "iou_counts",
     "aggregate",
+    "classifier_rows",
     "classifier_scores",
     "summarise",
     "render_markdown",
@@ -110,19 +114,52 @@ def _nanmean(v: np.ndarray) -> float:
     return float(np.mean(v[~np.isnan(v)])) if np.any(~np.isnan(v)) else math.nan
 
 
+def classifier_rows(case: str, predictions: Sequence[Any], mask: np.ndarray, axis: int) -> list[dict[str, Any]]:
+    """Classifier rows of one case from its slice predictions (:class:`~c2f_med.explain.volume.SlicePrediction`:
+    ``index``, ``probability``; NaN, a skipped background slice, gives no row) and its lesion mask
+    ``X x Y x Z`` (bool) sliced along ``axis``. A case's lesions are the 26-connected components of
+    the mask (:func:`skimage.measure.label`), numbered 1, 2, ... in the case."""
+    components = np.moveaxis(measure.label(mask, connectivity=3), axis, 0)  # n x h x w
+    return [{"case": case, "slice": p.index, "probability": p.probability, "lesion": bool(components[p.index].any()),
+             "lesions": [int(k) for k in np.unique(components[p.index]) if k]}
+            for p in predictions if not math.isnan(p.probability)]
+
+
 def classifier_scores(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Slice-level classifier scores from classifier rows.
+    """Slice- and lesion-level classifier scores from classifier rows.
+
+    Per lesion, each 3-D lesion of a case is scored by its best slice, ``max`` of the probability
+    over the slices that cut it, and ranked against every lesion-free slice: a lesion counts as
+    found when any of its slices is flagged, as a reader scrolling through the scan would find it.
 
     Returns:
         ``{"slice_auroc": AUROC of the probability for the slice label (Mann-Whitney, ties
         averaged; NaN with one class only), "slice_accuracy": fraction of slices with
-        ``(p >= 0.5) == lesion``, "slices": n, "lesion_slices": n with lesion}``; NaN without rows.
+        ``(p >= 0.5) == lesion``, "slices": n, "lesion_slices": n with lesion,
+        "lesions": number of 3-D lesions, "lesion_auroc": AUROC of the lesions' best-slice
+        probabilities against the lesion-free slices' probabilities, "lesion_sensitivity":
+        fraction of lesions whose best slice has ``p >= 0.5``}``; NaN without rows, and the
+        lesion scores NaN when a lesion slice names no lesion (rows written before ``lesions``).
     """
     p = np.array([float(r["probability"]) for r in rows], dtype=np.float64)
     y = np.array([bool(r["lesion"]) for r in rows], dtype=bool)
     auroc = pixel_auroc(p, y) if p.size else math.nan
     accuracy = float(np.mean((p >= CLASSIFIER_THRESHOLD) == y)) if p.size else math.nan
-    return {"slice_auroc": auroc, "slice_accuracy": accuracy, "slices": int(p.size), "lesion_slices": int(y.sum())}
+    best: dict[tuple[str, int], float] = {}  # (case, lesion) -> its best slice's probability
+    for r, prob in zip(rows, p):
+        for lesion in r.get("lesions") or ():
+            key = (str(r["case"]), int(lesion))
+            best[key] = max(best.get(key, -math.inf), prob)
+    named = all(r.get("lesions") for r, lesion in zip(rows, y) if lesion)
+    lesion_p = np.array(list(best.values()), dtype=np.float64)
+    if named and lesion_p.size:
+        lesion_auroc = pixel_auroc(np.concatenate([lesion_p, p[~y]]),
+                                   np.concatenate([np.ones(lesion_p.size, bool), np.zeros(int((~y).sum()), bool)]))
+        sensitivity = float(np.mean(lesion_p >= CLASSIFIER_THRESHOLD))
+    else:
+        lesion_auroc = sensitivity = math.nan
+    return {"slice_auroc": auroc, "slice_accuracy": accuracy, "slices": int(p.size), "lesion_slices": int(y.sum()),
+            "lesions": len(best) if named else 0, "lesion_auroc": lesion_auroc, "lesion_sensitivity": sensitivity}
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -190,7 +227,7 @@ def summarise(
     Returns:
         The contract's keys ``bundle``, ``datalist``, ``cases``, ``lesion_slices`` (distinct
         (case, slice) pairs scored), ``classifier`` (``slice_auroc``, ``slice_accuracy``, plus
-        ``slices`` and ``lesion_slices``) and ``methods.<m>`` (the contract's scores, plus ``iou``,
+        ``slices``, ``lesion_slices`` and the per-lesion ``lesions``, ``lesion_auroc``, ``lesion_sensitivity``) and ``methods.<m>`` (the contract's scores, plus ``iou``,
         ``dice_topk``, ``backward_passes_per_slice``, ``not_applicable`` counts per score,
         ``ci95`` bootstrap CIs of AP and IoU top-k, and ``records``: mean S3WM decision counts when
         the method records them); plus ``comparisons``: ``{"c2f - <m>": {"ap": paired bootstrap,
@@ -248,7 +285,9 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         "",
         f"Classifier on {clf.get('slices', 'n/a')} non-background slices: slice AUROC "
         f"{_fmt(clf['slice_auroc'], 'auroc')}, accuracy {_fmt(clf['slice_accuracy'], 'auroc')} "
-        f"(threshold {CLASSIFIER_THRESHOLD}).",
+        f"(threshold {CLASSIFIER_THRESHOLD}). Per lesion ({clf.get('lesions', 'n/a')} 3-D lesions, each "
+        f"scored by its best slice against the lesion-free slices): AUROC {_fmt(clf.get('lesion_auroc'), 'auroc')}, "
+        f"found {_fmt(clf.get('lesion_sensitivity'), 'auroc')}.",
         "",
     ]
     header = ["method", *(h for _, h in _COLUMNS), "slices"]

@@ -59,6 +59,9 @@ def test_summary_has_the_contract_keys(evaluated, tiny_datalist, tiny_bundle):
     n_foreground = sum(shape[2] - 2 for shape, _, _ in TINY_CASES.values())  # first and last slices are 0
     assert s["classifier"]["slices"] == n_foreground
     assert 0 <= s["classifier"]["slice_accuracy"] <= 1 and 0 <= s["classifier"]["slice_auroc"] <= 1
+    assert s["classifier"]["lesions"] == 2  # one box in each of two cases
+    assert 0 <= s["classifier"]["lesion_auroc"] <= 1 and 0 <= s["classifier"]["lesion_sensitivity"] <= 1
+    assert "Per lesion (2 3-D lesions" in (out / "summary.md").read_text()
     assert list(s["methods"]) == METHODS
     for m in METHODS:
         assert all(k in s["methods"][m] for k in CONTRACT), m

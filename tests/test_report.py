@@ -60,7 +60,8 @@ def example(tmp_path: Path):
              "deletion_auc": rng.uniform(), "slices": 3} for i, n in enumerate(names)]
     rows.append({"case": "broken", "error": "/data/broken.nii.gz: not a NIfTI file <bad header>", "method": "c2f"})
     summary = {"bundle": {"path": "/b", "sha256": "ab" * 32}, "datalist": "dl.json", "cases": 6, "lesion_slices": 18,
-               "classifier": {"slice_auroc": 0.875, "slice_accuracy": 0.75},
+               "classifier": {"slice_auroc": 0.875, "slice_accuracy": 0.75, "lesions": 7, "lesion_auroc": 0.9625,
+                              "lesion_sensitivity": 0.857},
                "methods": {"c2f": {k: 0.5 for k in SUMMARY_COLUMNS} | {"ap": 0.4321, "slices": 18}}}
     p = rng.uniform(size=200)
     y = rng.uniform(size=200) < p
@@ -114,6 +115,7 @@ def test_report_is_self_contained_with_every_section(tmp_path):
                 assert im.width == 900
     body = " ".join(doc.text)
     assert "0.432" in body and "0.875" in body  # the summary table's numbers
+    assert "7 3-D lesions" in body and "0.963" in body and "0.857" in body  # the per-lesion classifier
     assert "1 failed" in body and "/data/broken.nii.gz: not a NIfTI file <bad header>" in body
     assert "<bad header>" not in text  # escaped in the markup
 

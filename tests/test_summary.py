@@ -99,6 +99,26 @@ def test_classifier_scores():
     assert math.isnan(classifier_scores([])["slice_auroc"])
 
 
+def test_classifier_scores_per_lesion():
+    # case a: lesion 1 cut by slices 0-2 (best 0.8), lesion 2 by slices 2-3 (best 0.3); case b: its
+    # lesion 1 is another lesion (best 0.6); lesion-free slices 0.5 and 0.1
+    spec = [("a", 0.2, [1]), ("a", 0.8, [1]), ("a", 0.3, [1, 2]), ("a", 0.1, [2]), ("a", 0.5, []),
+            ("b", 0.6, [1]), ("b", 0.1, [])]
+    rows = [{"case": c, "slice": i, "probability": p, "lesion": bool(ids), "lesions": ids}
+            for i, (c, p, ids) in enumerate(spec)]
+    c = classifier_scores(rows)
+    assert c["lesions"] == 3
+    # lesions 0.8, 0.3, 0.6 against lesion-free 0.5, 0.1: pairs won 2 + 1 + 2 = 5 of 6
+    assert c["lesion_auroc"] == pytest.approx(5 / 6)
+    assert c["lesion_sensitivity"] == pytest.approx(2 / 3)
+    # the slice level is lower: the lesions' faint slices 0.2, 0.3, 0.1 rank below a lesion-free 0.5
+    assert c["slice_auroc"] < c["lesion_auroc"]
+    # rows without lesion ids (written before they existed) give no per-lesion scores
+    old = classifier_scores([{k: v for k, v in r.items() if k != "lesions"} for r in rows])
+    assert old["lesions"] == 0 and math.isnan(old["lesion_auroc"]) and math.isnan(old["lesion_sensitivity"])
+    assert old["slice_auroc"] == c["slice_auroc"]
+
+
 def _table(md: str) -> dict[str, dict[str, str]]:
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     header = [h.strip() for h in lines[0].strip("|").split("|")]

@@ -30,6 +30,7 @@ from c2f_med.summary import (
     IOU_COUNT_KEYS,
     SCORE_KEYS,
     aggregate,
+    classifier_rows,
     classifier_scores,
     iou_counts,
     summarise,
@@ -152,9 +153,7 @@ class LesionScoreHandler:
             self.rows.append({"case": case, "slice": i, "method": info["method"], "probability": probability[i],
                               **{k: v for k, v in entry.items() if k != "slice"}, **cost, **record,
                               **iou_counts(threshold_mean(s), m)})
-        self.classifier += [{"case": case, "slice": p.index, "probability": p.probability,
-                             "lesion": bool(np.take(mask, p.index, axis).any())}
-                            for p in result.predictions if not math.isnan(p.probability)]
+        self.classifier += classifier_rows(case, result.predictions, mask, axis)
 
     def epoch_completed(self, engine: Engine) -> None:
         cases, rows, classifier = ([x for part in all_gather(v) for x in part]

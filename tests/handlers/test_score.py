@@ -42,6 +42,7 @@ def test_scores_match_explain_case(evaluate, bundle, cases, tmp_path):
     summary = json.load(open(out / "summary.json"))
     assert (summary["cases"], summary["lesion_slices"]) == (2, 3)
     assert summary["classifier"]["slices"] == 5 and summary["classifier"]["lesion_slices"] == 3
+    assert summary["classifier"]["lesions"] == 1  # case a's one lesion, cut by slices 1-3
     method = summary["methods"]["gae"]
     assert set(CONTRACT_KEYS) <= set(method)
     assert method["deletion_auc"] is None and method["insertion_auc"] is None  # c2f-med evaluate's job
