@@ -227,7 +227,8 @@ def summarise(
     Returns:
         The contract's keys ``bundle``, ``datalist``, ``cases``, ``lesion_slices`` (distinct
         (case, slice) pairs scored), ``classifier`` (``slice_auroc``, ``slice_accuracy``, plus
-        ``slices``, ``lesion_slices`` and the per-lesion ``lesions``, ``lesion_auroc``, ``lesion_sensitivity``) and ``methods.<m>`` (the contract's scores, plus ``iou``,
+        ``slices``, ``lesion_slices`` and the per-lesion ``lesions``, ``lesion_auroc`` and
+        ``lesion_sensitivity``) and ``methods.<m>`` (the contract's scores, plus ``iou``,
         ``dice_topk``, ``backward_passes_per_slice``, ``not_applicable`` counts per score,
         ``ci95`` bootstrap CIs of AP and IoU top-k, and ``records``: mean S3WM decision counts when
         the method records them); plus ``comparisons``: ``{"c2f - <m>": {"ap": paired bootstrap,
