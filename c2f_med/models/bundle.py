@@ -13,7 +13,7 @@ from c2f_med.errors import InputError
 from c2f_med.models import DEFAULT_BUNDLE
 from c2f_med.models.vit import TokenViT
 
-__all__ = ["Bundle", "inference_config", "load_bundle", "load_weights", "sha256_file", "DEFAULT_BUNDLE"]
+__all__ = ["Bundle", "OperatingPoint", "inference_config", "load_bundle", "load_weights", "sha256_file", "DEFAULT_BUNDLE"]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -23,6 +23,43 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Where a slice (or a lesion, by its best slice) is called positive.
+
+    ``p = softmax(logits / temperature)[target]`` is the calibrated probability; a slice is positive
+    when ``p >= threshold``. A bundle declares both in its inference config
+    (``"operating_point": {"temperature": T, "threshold": t}``); without it the temperature is 1 and
+    the threshold 0.5, and ``source`` says ``"default"``.
+    """
+
+    temperature: float = 1.0
+    threshold: float = 0.5
+    source: str = "default"  # "bundle" | "default"
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities: ``B x C`` logits -> ``B x C``."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)
+
+    @classmethod
+    def from_config(cls, value: Any, where: Path) -> OperatingPoint:
+        """Read the inference config's ``operating_point`` (``None`` -> the defaults).
+
+        Raises:
+            InputError: not a mapping, or a temperature <= 0 / threshold outside (0, 1).
+        """
+        if value is None:
+            return cls()
+        try:
+            point = cls(float(value.get("temperature", 1.0)), float(value["threshold"]), "bundle")
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise InputError(where, f"operating_point must be {{'temperature': T, 'threshold': t}} ({err})") from err
+        if not (point.temperature > 0 and 0 < point.threshold < 1):
+            raise InputError(where, f"operating_point out of range: temperature {point.temperature} must be > 0, "
+                                    f"threshold {point.threshold} in (0, 1)")
+        return point
 
 
 @dataclass
@@ -36,6 +73,7 @@ class Bundle:
         preset: intensity preset name for :func:`c2f_med.io.transforms.load_case_transforms`.
         lesion_class: index of the "lesion" class (the explained target by default).
         config: the inference config's plain values (for provenance).
+        operating_point: temperature and decision threshold (:class:`OperatingPoint`).
     """
 
     root: Path
@@ -44,6 +82,7 @@ class Bundle:
     preset: str
     lesion_class: int
     config: dict[str, Any]
+    operating_point: OperatingPoint = OperatingPoint()
 
 
 def inference_config(root: str | Path):
@@ -99,7 +138,8 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> Bundle:
     except Exception as err:  # noqa: BLE001 - any config problem is the bundle's
         raise InputError(config_file, f"cannot build network_def ({type(err).__name__}: {err})") from err
     load_weights(model, weights, device)
-    plain = {k: parser[k] for k in ("preset", "lesion_class", "axis", "method", "img_size") if k in parser}
+    plain = {k: parser[k] for k in ("preset", "lesion_class", "axis", "method", "img_size", "operating_point")
+             if k in parser}
     return Bundle(
         root=root,
         model=model.to(device).eval(),
@@ -107,4 +147,5 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> Bundle:
         preset=str(parser.get("preset", "auto")),
         lesion_class=int(parser.get("lesion_class", 1)),
         config=plain,
+        operating_point=OperatingPoint.from_config(parser.get("operating_point"), config_file),
     )
