@@ -40,7 +40,7 @@ Outputs (written by rank 0, each atomically)::
                               the case's lesion slices, the case's classifier scores, cost, the
                               explainer's records (means over explained slices), rank, seed
     OUT/per_slice.csv         one row per lesion slice, the columns of c2f-med evaluate
-    OUT/summary.json / .md    c2f_med.summary (the contract's keys) + section, case counts and the
+    OUT/summary.json / .md    c2f_med.summary (the keys documented there) + section, case counts and the
                               faithfulness settings
     OUT/provenance.json       bundle sha256 and config, datalist hash, method and parameters,
                               versions, seeds, per-case input hashes, ranks and timings

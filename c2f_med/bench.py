@@ -25,7 +25,7 @@ whole first case (every non-background axial slice) through
 :func:`~c2f_med.explain.volume.explain_volume`, after a one-slice warm-up; without c2f among the
 methods, a process of its own does.
 
-``OUT/bench.json`` (the contract, plus extras)::
+``OUT/bench.json`` (stable keys, plus extras)::
 
     {"methods": {m: {"seconds_per_slice", "forward_passes_per_slice", "backward_passes_per_slice",
                      "peak_rss_mb", "baseline_rss_mb", "ratio_to_c2f"}},
@@ -72,7 +72,7 @@ SLICE_BATCH = 16
 SYNTH_SEED = 7
 #: at most this many synthetic cases are drawn to find enough lesion slices
 MAX_SYNTH_CASES = 8
-#: the method of the "volume" timing (the contract's)
+#: the method of the "volume" timing (the one bench.json reports)
 VOLUME_METHOD = "c2f"
 AXIS = 2
 

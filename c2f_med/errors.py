@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from types import TracebackType
 
 
 class InputError(Exception):
@@ -30,3 +32,26 @@ def find_input_error(exc: BaseException) -> InputError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def report_input_errors() -> None:
+    """Make an uncaught :class:`InputError` (also when MONAI wrapped it) end the program with its one line.
+
+    For runners that are not the project's CLI, such as ``python -m monai.bundle run``: the bundle's
+    ``initialize`` list calls this, so a missing datalist or a corrupt scan prints ``error: <file>:
+    <problem>`` and exits with status 2 instead of a multi-screen traceback. Other exceptions keep
+    Python's default report.
+    """
+    default = sys.excepthook
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        err = find_input_error(exc)
+        if err is None:
+            default(kind, exc, tb)
+            return
+        print(f"error: {err}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)  # the interpreter would otherwise exit with status 1 after the hook
+
+    sys.excepthook = hook

@@ -28,7 +28,7 @@ Outputs, each written atomically::
                         (case, lesion slice, method); NaN (not applicable) written as an empty cell
     OUT/per_case.csv    case, method, mean scores over the case's lesion slices, the case's classifier
                         numbers (a case without lesion slices gets its rows with empty scores)
-    OUT/summary.json    the contract's keys (:func:`c2f_med.summary.summarise`), NaN as null, plus
+    OUT/summary.json    the stable keys (:func:`c2f_med.summary.summarise`), NaN as null, plus
                         the faithfulness settings and the provenance
     OUT/summary.md      table, one row per method, best per column in bold, paired bootstrap CIs
     OUT/gallery.png     best and worst lesion slices (by AP of c2f, else of the first method), every

@@ -1,4 +1,4 @@
-"""The C2F design search (issue 8): named parameter sets of ``c2f`` and the baselines, scored on
+"""The C2F design search: named parameter sets of ``c2f`` and the baselines, scored on
 validation datalists, and the selection rule that picks the shipped defaults.
 
 Every variant is a method name plus parameter overrides, so each one is also runnable as
@@ -49,11 +49,11 @@ logger = logging.getLogger(__name__)
 #: the compared methods (no parameter changes)
 BASELINES = ("attention", "rollout", "gae", "gradcam", "gradcam-attn", "vitcx", "vitcx-sq", "occlusion")
 
-#: C2F variants: name -> overrides of the spec's first defaults (``c2f-first``,
+#: C2F variants: name -> overrides of the reconstruction's first defaults (``c2f-first``,
 #: :data:`~c2f_med.explain.c2f.SPEC_FIRST_DEFAULTS`), so a variant means the same whatever ``c2f``'s
 #: shipped defaults are. The first blocks change one design choice; the last combines choices.
 VARIANTS: dict[str, dict[str, Any]] = {
-    # the spec's first defaults and the two ablations
+    # the reconstruction's first defaults and the two ablations
     "first": {},
     "noS3WM": {"s3wm": False},
     "noAF": {"af": False},
@@ -88,7 +88,7 @@ RULE = ("among c2f variants with validation mIoU >= the best baseline's and cost
 
 
 def variant_params(name: str) -> dict[str, Any]:
-    """The full ``c2f`` parameter set of variant ``name``: the spec's first defaults with its overrides."""
+    """The full ``c2f`` parameter set of variant ``name``: the reconstruction's first defaults with its overrides."""
     return {**SPEC_FIRST_DEFAULTS, **VARIANTS[name]}
 
 

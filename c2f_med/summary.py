@@ -18,7 +18,7 @@ A *classifier row* is the classifier's view of one non-background slice::
      "lesions": list[int] (the case's 3-D lesions that the slice cuts: connected components of the
         mask, numbered per case; empty on a lesion-free slice)}
 
-:func:`summarise` turns rows into the ``summary.json`` dict of the contract (architecture.md)
+:func:`summarise` turns rows into the ``summary.json`` dict whose keys scripts rely on
 plus a few extras; :func:`write_summary` writes it as ``summary.json`` and ``summary.md``. Rows may
 hold numbers or their CSV text (``csv.DictReader`` of ``per_slice.csv``; an empty cell is NaN), so
 a summary can be rebuilt from the CSV alone.
@@ -225,10 +225,10 @@ def summarise(
         n_boot, seed: bootstrap resamples and seed of every CI.
 
     Returns:
-        The contract's keys ``bundle``, ``datalist``, ``cases``, ``lesion_slices`` (distinct
+        The stable keys ``bundle``, ``datalist``, ``cases``, ``lesion_slices`` (distinct
         (case, slice) pairs scored), ``classifier`` (``slice_auroc``, ``slice_accuracy``, plus
         ``slices``, ``lesion_slices`` and the per-lesion ``lesions``, ``lesion_auroc`` and
-        ``lesion_sensitivity``) and ``methods.<m>`` (the contract's scores, plus ``iou``,
+        ``lesion_sensitivity``) and ``methods.<m>`` (the stable scores, plus ``iou``,
         ``dice_topk``, ``backward_passes_per_slice``, ``not_applicable`` counts per score,
         ``ci95`` bootstrap CIs of AP and IoU top-k, and ``records``: mean S3WM decision counts when
         the method records them); plus ``comparisons``: ``{"c2f - <m>": {"ap": paired bootstrap,

@@ -1,6 +1,6 @@
 """C2F-Explainer (Ding, Cheng, Geng, Huang & Ju, IEEE TKDE 36(12), 2024): coarse-to-fine explanations.
 
-This is the project's reconstruction in ../shared/docs/c2f_spec.md (the paper's equations are not
+This is the project's reconstruction, described in docs/method.md (the paper's equations are not
 public). Step 0: one clean pass. Step 1: ViT-CX masks (:mod:`~c2f_med.explain.masks`). Step 2: S3WM
 (:mod:`~c2f_med.explain.s3wm`) keeps the positive masks for the coarse map. Step 3: AF
 (:mod:`~c2f_med.explain.af`) refines it with a cross-layer patch relation.
@@ -22,7 +22,7 @@ from c2f_med.explain.vitcx import MaskScoringParams, causal_scores, coverage_map
 
 __all__ = ["C2F", "SPEC_FIRST_DEFAULTS"]
 
-#: the spec's first defaults, pinned for the "c2f-first" variant while C2F.Params' defaults are searched
+#: the reconstruction's first defaults, pinned for the "c2f-first" variant while C2F.Params' defaults are searched
 SPEC_FIRST_DEFAULTS = {
     "delta": 0.1,
     "perturbation": "noise",

@@ -57,7 +57,7 @@ class Occlusion(Explainer):
         #: the default LesionViT (96 x 96, 2 busy CPU cores): 0 -> 144 forwards, ~3.5 s per slice;
         #: 0.5 -> 529 forwards, ~11 s per slice
         overlap: float = 0.0
-        #: occluded value: a float in the model's normalised input space (0.0 = the spec's "zero"
+        #: occluded value: a float in the model's normalised input space (0.0 = the reconstruction's "zero"
         #: baseline), or MONAI's "gaussian", "mean_patch", "mean_img"
         mode: float | str = 0.0
         #: occluded copies per forward batch (MONAI's ``n_batch``)

@@ -7,7 +7,7 @@ Evaluation function (the conditional probability that mask ``k`` supports class 
 
     e_k = clip(S_k / Z, 0, 1)
 
-with the normaliser ``Z`` (:func:`normaliser`) either ``p_c(x)`` (``"pc"``, the spec's first
+with the normaliser ``Z`` (:func:`normaliser`) either ``p_c(x)`` (``"pc"``, the reconstruction's first
 choice) or the slice's best level-1 score ``max_j S_j`` (``"best"``): when ``p_c(x)`` is near 1,
 masks score near 0 or near ``p_c`` and ``e`` is bimodal; relative to the best mask, ``e`` spreads
 over [0, 1] and the boundary region is populated.

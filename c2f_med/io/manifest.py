@@ -42,7 +42,7 @@ def case_id(path: str | os.PathLike) -> str:
     return name
 
 
-def read_datalist(datalist: str | os.PathLike, section: str = "testing", check_files: bool = True) -> list[dict]:
+def read_datalist(datalist: str | os.PathLike | None, section: str = "testing", check_files: bool = True) -> list[dict]:
     """Items of one section of a datalist, with absolute paths and a ``"case_id"``.
 
     Args:
@@ -54,9 +54,11 @@ def read_datalist(datalist: str | os.PathLike, section: str = "testing", check_f
         ``[{"image": abs_path, "label": abs_path (if given), "case_id": str, ...other keys}, ...]``
 
     Raises:
-        InputError: naming the datalist (and the item): no such file, invalid JSON, no such
+        InputError: no datalist (``None``); naming the datalist (and the item): no such file, invalid JSON, no such
             section, an item without "image", a missing file, two items with the same case id.
     """
+    if datalist is None:
+        raise InputError(None, "no datalist given: pass --datalist FILE (a JSON file listing the scans)")
     path = Path(datalist)
     if not path.is_file():
         raise InputError(path, "datalist not found")

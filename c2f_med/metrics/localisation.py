@@ -296,7 +296,7 @@ def localisation_scores(saliency: ArrayLike, mask: ArrayLike, tolerance: float =
     Args:
         saliency: float array ``>= 0``.
         mask: lesion mask, same shape.
-        tolerance: pointing-game tolerance in voxels (the spec reports ``patch_size / 2``).
+        tolerance: pointing-game tolerance in voxels (C2F's evaluation reports ``patch_size / 2``).
     """
     s, m = _pair(saliency, mask)
     pred = threshold_mean(s)

@@ -12,7 +12,7 @@ Both yield balanced batches (half the slices show a lesion, label = the slice ha
 with augmentation applied to whole batches (random rotation, scaling, flips, gamma, gain, noise,
 blur). Validation runs on the datalist's "validation" cases (another synth seed for the demo):
 slice AUROC and accuracy every epoch, the best checkpoint kept as ``models/model.pt`` (a state
-dict). Recipe from ../shared/docs/training_notes.md: AdamW, warmup then cosine decay, weight decay
+dict). Recipe (measured on CPU, see docs/experiments.md): AdamW, warmup then cosine decay, weight decay
 off for norms / biases / position embeddings / CLS, gradient clipping, and a curriculum that
 widens the lesion contrast and size ranges from conspicuous to the full range over the first
 quarter of the steps. The forward pass runs in bfloat16 under CPU autocast (``TrainConfig.bf16``):
@@ -515,7 +515,7 @@ def bundle_network(bundle: Path) -> tuple[int, dict]:
     return int(kwargs.pop("img_size", 96)), kwargs
 
 
-def run_training(datalist: Path, bundle: Path, *, epochs: int, seed: int, online_lesions: bool,
+def run_training(datalist: Path | str | None, bundle: Path, *, epochs: int, seed: int, online_lesions: bool,
                  epoch_steps: int = 250, init: Path | None = None, recipe: dict | None = None) -> dict:
     """``c2f-med train``: train the bundle's ``network_def`` (:func:`bundle_network`), then write
     ``models/model.pt``, ``models/training_log.csv``, ``models/train_summary.json`` and

@@ -10,7 +10,7 @@ a lesion changed the clean intensities (inside the mask and its soft edge).
 Stored intensities are int16, ``round(1000 * value)`` (white matter ~ 1000), so the NIfTI file and
 the DICOM series of a case hold the very same voxels.
 
-Layout written by :func:`write_dataset` (the ``c2f-med synth`` contract)::
+Layout written by :func:`write_dataset` (what ``c2f-med synth`` writes)::
 
     DIR/images/<case>.nii.gz   int16 scan                 (format "nifti" or "both")
     DIR/labels/<case>.nii.gz   uint8 0/1 lesion mask, the scan's grid and affine

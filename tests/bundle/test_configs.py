@@ -95,11 +95,12 @@ def test_ids_that_other_code_and_users_rely_on():
                 "datalist", "output_dir"):
         assert key in config
     assert config["method"] in available()
-    parser = ConfigParser()
-    parser.read_config(str(INFERENCE))
-    parser["bundle_root"] = str(DEFAULT_BUNDLE)
-    assert Path(parser.get_parsed_content("datalist")).resolve() == (DEFAULT_BUNDLE.parents[1] / "data_manifests"
-                                                                     / "demo.json")
+    assert config["datalist"] is None  # a required override: the bundle names no data outside itself
+
+
+def test_no_config_path_leaves_the_bundle():
+    for path in CONFIGS.glob("*.json"):
+        assert "/.." not in path.read_text(), f"{path.name} names a path outside the bundle"
 
 
 def test_ckpt_export_by_tracing(tiny_bundle, tmp_path):
@@ -123,7 +124,7 @@ def test_train_config_calls_run_training(monkeypatch, tmp_path):
                               workflow_type=None, bundle_root=str(tmp_path), datalist="dl.json", epochs=2, seed=5)
     workflow.initialize()
     workflow.run()
-    assert calls == [((Path("dl.json"), tmp_path),
+    assert calls == [(("dl.json", tmp_path),
                       {"epochs": 2, "seed": 5, "online_lesions": True, "epoch_steps": 500, "init": None, "recipe": {}})]
 
 

@@ -57,3 +57,19 @@ def test_evaluate_adds_the_scores(tiny_bundle, cases, tmp_path):
     scores = json.load(open(out / "a" / "scores.json"))
     rows = list(csv.DictReader(open(out / "per_case.csv")))
     assert float(rows[0]["volume_ap"]) == pytest.approx(scores["volume"]["ap"], rel=1e-5)
+
+
+@pytest.mark.parametrize("datalist", [None, "missing.json"])
+def test_runner_names_a_bad_datalist_in_one_line(tiny_bundle, tmp_path, datalist):
+    configs = tiny_bundle / "configs"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(tiny_bundle),
+           "--config_file", str(configs / "inference.json"), "--meta_file", str(configs / "metadata.json"),
+           "--output_dir", str(tmp_path / "out")]
+    if datalist:
+        cmd += ["--datalist", str(tmp_path / datalist)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "datalist" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

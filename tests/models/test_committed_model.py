@@ -39,7 +39,7 @@ def fresh_slice_auroc(cases: int = 6) -> tuple[float, int, int]:
 
 
 def test_committed_model_detects_lesions_on_fresh_scans():
-    """Issue 3's small-set check (random weights score about 0.5). It is not the 0.95 target: on 6 cases the
+    """A small-set check (random weights score about 0.5). It is not the 0.95 target: on 6 cases the
     AUROC varies by several hundredths with the cases drawn (the bundle README gives 30 cases)."""
     auroc, n, pos = fresh_slice_auroc()
     assert auroc >= 0.9, f"slice AUROC {auroc:.3f} on {n} fresh slices ({pos} with lesion)"
