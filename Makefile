@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 DEMOOUT := demo_out
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint clean
 
 install: $(STAMP)
 
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m c2f_med.demo --out $(DEMOOUT)
 
-test: install
+lint: install
+	.venv/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from c2f_med.atomic import write_csv, write_json, write_text
 from c2f_med.errors import InputError
-from c2f_med.explain.c2f import SPEC_FIRST_DEFAULTS
 from c2f_med.evaluate import PER_SLICE_HEAD, check_methods, evaluate_case, warm_up
+from c2f_med.explain.c2f import SPEC_FIRST_DEFAULTS
 from c2f_med.io.manifest import read_datalist
 from c2f_med.models.bundle import load_bundle
 from c2f_med.provenance import provenance

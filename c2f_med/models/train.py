@@ -350,10 +350,10 @@ def train(
     ``train_items=None`` trains on :class:`OnlineLesionSlices`.
     """
     from ignite.engine import Events
-    from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTrainer
-    from monai.handlers import CheckpointSaver, LrScheduleHandler, ROCAUC, StatsHandler, ValidationHandler
-    from monai.handlers.utils import from_engine
     from ignite.metrics import Accuracy
+    from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTrainer
+    from monai.handlers import ROCAUC, CheckpointSaver, LrScheduleHandler, StatsHandler, ValidationHandler
+    from monai.handlers.utils import from_engine
     from monai.utils import set_determinism
 
     from c2f_med.atomic import atomic_path
