@@ -142,7 +142,7 @@ def write_case(
     with atomic_dir(folder) as tmp:
         save_on_original_grid(result.saliency, scan, tmp / "saliency.nii.gz")
         overlay_montage(scan[0].numpy(), result.saliency[0].numpy(), label, axis=axis, path=tmp / "overlay.png",
-                        title=f"{folder.name}: {method}")
+                        title=f"{folder.name}: {method}", probability=[p.probability for p in result.predictions])
         write_predictions(tmp / "predictions.csv", result)
         if scores is not None:
             write_json(tmp / "scores.json", scores)

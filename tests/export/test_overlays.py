@@ -106,3 +106,48 @@ def test_mismatched_shapes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="indices below 16"):
         overlay_montage(image, saliency, mask, axis=2, path=tmp_path / "x.png", title="", slices=[16])
     assert not list(tmp_path.iterdir())
+
+
+def test_without_lesion_the_montage_stays_inside_the_body():
+    image = np.zeros(SHAPE, np.float32)
+    image[:, :, 3:13] = ball(SHAPE, (12, 10, 8), 9)[:, :, 3:13] * 0.6  # a "head" on slices 3-12
+    image[10:12, 10:12, 0] = 0.6  # a near-empty end slice
+    saliency = np.zeros(SHAPE, np.float32)
+    saliency[:, :, 0] = 1.0  # all the saliency on the end slice, as per-slice normalised noise would be
+    saliency[:, :, 8] = 0.2
+    chosen = montage_slices(saliency, None, axis=2, max_slices=3, image=image)
+    assert 0 not in chosen and 8 in chosen
+    probability = np.full(SHAPE[2], 0.1)
+    probability[[5, 11]] = [0.9, 0.8]
+    probability[0] = 0.99  # outside the body: never chosen
+    assert montage_slices(saliency, None, axis=2, max_slices=2, image=image, probability=probability) == [5, 11]
+
+
+def test_titles_and_footers_fit_a_one_panel_figure(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    captured = {}
+    original = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        captured["boxes"] = [t.get_window_extent(renderer) for t in (fig._suptitle, fig._supxlabel)]
+        captured["figure"] = fig.bbox
+        captured["texts"] = (fig._suptitle.get_text(), fig._supxlabel.get_text())
+        return original(fig, *args, **kwargs)
+
+    image = np.full(SHAPE, 0.5, np.float32)
+    Figure.savefig = spy
+    try:
+        overlay_montage(image, np.random.default_rng(1).random(SHAPE), None, axis=2, path=tmp_path / "o.png",
+                        title="a-rather-long-case-identifier-from-a-dicom-series: c2f", slices=[4])
+    finally:
+        Figure.savefig = original
+    for box in captured["boxes"]:
+        assert box.x0 >= 0 and box.x1 <= captured["figure"].x1 and box.y0 >= 0 and box.y1 <= captured["figure"].y1
+    title, footer = captured["texts"]
+    assert "no lesion annotated" in title
+    assert "lesion outline" not in footer  # nothing outlined, so no legend for it
