@@ -4,9 +4,15 @@
 Only :data:`DEFAULT_BUNDLE` lives here, so that the command line can name it without importing torch.
 """
 
+import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_BUNDLE"]
+__all__ = ["BUNDLE_ENV", "DEFAULT_BUNDLE"]
 
-#: the bundle this repository ships
-DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "c2f_lesion_vit"
+#: environment variable naming the bundle to use when ``--bundle`` is not given
+BUNDLE_ENV = "C2F_MED_BUNDLE"
+
+#: the bundle used without ``--bundle``: ``$C2F_MED_BUNDLE`` if set, else the one this source tree ships
+#: (``bundles/c2f_lesion_vit`` of a clone; an installed package without the clone has none, and
+#: loading it names the missing folder and these two ways to give one)
+DEFAULT_BUNDLE = Path(os.environ.get(BUNDLE_ENV) or Path(__file__).resolve().parents[2] / "bundles" / "c2f_lesion_vit")

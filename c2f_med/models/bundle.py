@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from c2f_med.errors import InputError
-from c2f_med.models import DEFAULT_BUNDLE
+from c2f_med.models import BUNDLE_ENV, DEFAULT_BUNDLE
 from c2f_med.models.vit import TokenViT
 
-__all__ = ["Bundle", "OperatingPoint", "inference_config", "load_bundle", "load_weights", "sha256_file", "DEFAULT_BUNDLE"]
+__all__ = ["Bundle", "OperatingPoint", "inference_config", "load_bundle", "load_weights", "sha256_file",
+           "DEFAULT_BUNDLE"]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -129,7 +130,9 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """
     root = Path(root)
     config_file, weights = root / "configs" / "inference.json", root / "models" / "model.pt"
-    for path in (root, config_file, weights):
+    if not root.is_dir():
+        raise InputError(root, f"no bundle folder here: pass --bundle DIR or set {BUNDLE_ENV}")
+    for path in (config_file, weights):
         if not path.exists():
             raise InputError(path, "bundle file not found")
     try:
