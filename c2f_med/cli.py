@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--section", default="testing", help="datalist section to evaluate")
     v.set_defaults(func=_evaluate)
 
-    r = sub.add_parser("search", help="C2F design search: score named c2f variants and the baselines on validation data")
+    r = sub.add_parser(
+        "search", help="C2F design search: score named c2f variants and the baselines on validation data"
+    )
     r.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="MONAI bundle folder")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     r.add_argument("--datalist", required=True, type=Path, action="append", help="repeatable")

@@ -158,11 +158,20 @@ def run_search(
                       **{k: v for k, v in aggregate([r for r in rows if r["variant"] == name]).items()
                          if k != "not_applicable"}}
                for name, method, _ in runs}
-    report = {"section": section, "datalists": [str(d) for d in datalists], "cases": len(items),
-              "lesion_slices": len({(r["case"], r["slice"]) for r in rows}), "results": results,
-              "selection": select(results),
-              "provenance": provenance(bundle, inputs={f"datalist_{i}": d for i, d in enumerate(datalists)}, method="search",
-                                       params={n: p for n, _, p in runs})}
+    report = {
+        "section": section,
+        "datalists": [str(d) for d in datalists],
+        "cases": len(items),
+        "lesion_slices": len({(r["case"], r["slice"]) for r in rows}),
+        "results": results,
+        "selection": select(results),
+        "provenance": provenance(
+            bundle,
+            inputs={f"datalist_{i}": d for i, d in enumerate(datalists)},
+            method="search",
+            params={n: p for n, _, p in runs},
+        ),
+    }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     extras = list(dict.fromkeys(k for r in rows for k in r if k not in PER_SLICE_HEAD and k != "variant"))
@@ -177,22 +186,30 @@ def render_search(report: Mapping[str, Any]) -> str:
     """``search.md``: one row per variant, sorted by (AP + iou_topk) / 2, the selection below."""
     sel = report["selection"]
     res = report["results"]
-    head = ("| variant | method | params | AP | IoU top-k | mIoU | mass | (AP+IoU top-k)/2 | fwd | bwd | s/slice |\n"
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| variant | method | params | AP | IoU top-k | mIoU | mass | (AP+IoU top-k)/2 | fwd | bwd | s/slice |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     lines = []
     for name in sorted(res, key=lambda n: -(res[n]["ap"] + res[n]["iou_topk"])):
         r = res[name]
         changed = {k: v for k, v in r["params"].items() if k in VARIANTS.get(name, {})}
-        lines.append(f"| {'**' + name + '**' if name == sel['selected'] else name} | {r['method']} | "
-                     f"{', '.join(f'{k}={v}' for k, v in changed.items()) or '-'} | {r['ap']:.3f} | "
-                     f"{r['iou_topk']:.3f} | {r['miou']:.3f} | {r['relevance_mass']:.3f} | "
-                     f"{(r['ap'] + r['iou_topk']) / 2:.3f} | {r['forward_passes_per_slice']:.1f} | "
-                     f"{r['backward_passes_per_slice']:.1f} | {_fmt(r['seconds_per_slice'])} |")
-    return (f"# C2F design search: {report['section']} split, {report['cases']} cases, "
-            f"{report['lesion_slices']} lesion slices\n\n" + head + "\n".join(lines) +
-            f"\n\nRule: {sel['rule']}.\n\nBest baseline mIoU {sel['best_baseline_miou']:.3f}; vitcx cost "
-            f"{sel['vitcx_cost']:.1f} passes. Qualified: {', '.join(sel['qualified']) or 'none'}. "
-            f"Selected: **{sel['selected']}**{_fallback_reason(sel)}.\n")
+        lines.append(
+            f"| {'**' + name + '**' if name == sel['selected'] else name} | {r['method']} | "
+            f"{', '.join(f'{k}={v}' for k, v in changed.items()) or '-'} | {r['ap']:.3f} | "
+            f"{r['iou_topk']:.3f} | {r['miou']:.3f} | {r['relevance_mass']:.3f} | "
+            f"{(r['ap'] + r['iou_topk']) / 2:.3f} | {r['forward_passes_per_slice']:.1f} | "
+            f"{r['backward_passes_per_slice']:.1f} | {_fmt(r['seconds_per_slice'])} |"
+        )
+    return (
+        f"# C2F design search: {report['section']} split, {report['cases']} cases, "
+        f"{report['lesion_slices']} lesion slices\n\n"
+        + head
+        + "\n".join(lines)
+        + f"\n\nRule: {sel['rule']}.\n\nBest baseline mIoU {sel['best_baseline_miou']:.3f}; vitcx cost "
+        f"{sel['vitcx_cost']:.1f} passes. Qualified: {', '.join(sel['qualified']) or 'none'}. "
+        f"Selected: **{sel['selected']}**{_fallback_reason(sel)}.\n"
+    )
 
 
 def _fallback_reason(sel: Mapping[str, Any]) -> str:

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SliceGeometry", "volume_slices", "to_model_grid", "from_model_grid", "normalise_input", "INPUT_MEAN", "INPUT_STD"]
+__all__ = [
+    "SliceGeometry",
+    "volume_slices",
+    "to_model_grid",
+    "from_model_grid",
+    "normalise_input",
+    "INPUT_MEAN",
+    "INPUT_STD",
+]
 
 #: model-input normalisation applied after the intensity preset ([0, 1]): (x - 0.25) / 0.3
 INPUT_MEAN = 0.25
@@ -68,9 +76,10 @@ def from_model_grid(maps: torch.Tensor, geom: SliceGeometry) -> torch.Tensor:
     """Inverse of :func:`to_model_grid` for ``B x size x size`` maps -> ``B x h x w`` (bilinear)."""
     x = maps.unsqueeze(1)
     if geom.side != geom.size:
-        x = F.interpolate(x, size=(geom.side, geom.side), mode="bilinear", align_corners=False,
-                          antialias=geom.size > geom.side)
-    return x[:, 0, geom.top: geom.top + geom.height, geom.left: geom.left + geom.width]
+        x = F.interpolate(
+            x, size=(geom.side, geom.side), mode="bilinear", align_corners=False, antialias=geom.size > geom.side
+        )
+    return x[:, 0, geom.top : geom.top + geom.height, geom.left : geom.left + geom.width]
 
 
 def volume_slices(volume: torch.Tensor, axis: int, index: slice | list[int] | None = None) -> torch.Tensor:
@@ -82,4 +91,3 @@ def volume_slices(volume: torch.Tensor, axis: int, index: slice | list[int] | No
     if index is not None:
         moved = moved[index]
     return moved.unsqueeze(1)
-

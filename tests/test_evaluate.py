@@ -83,10 +83,12 @@ def test_per_slice_rows_are_the_lesion_slices_of_every_method(evaluated):
         if r["method"] == "rollout":
             assert float(r["forward_passes"]) == 1 and float(r["backward_passes"]) == 0 and r["K"] == ""
         if r["method"] == "c2f":
-            assert int(r["K"]) >= 1 and float(r["forward_passes"]) >= 1 + int(r["K"])  # cost-aware: one forward per mask at level 1
+            # cost-aware: one forward per mask at level 1
+            assert int(r["K"]) >= 1 and float(r["forward_passes"]) >= 1 + int(r["K"])
     c2f = [r for r in rows if r["method"] == "c2f"]
     assert summary["methods"]["c2f"]["forward_passes_per_slice"] == pytest.approx(
-        np.mean([float(r["forward_passes"]) for r in c2f]), rel=1e-4)
+        np.mean([float(r["forward_passes"]) for r in c2f]), rel=1e-4
+    )
 
 
 def test_per_case_keeps_a_lesion_free_case_with_empty_scores(evaluated):
@@ -158,7 +160,7 @@ def test_bad_input_is_one_input_error(tiny_bundle, tiny_datalist, tmp_path):
     no_label = tmp_path / "no_label.json"
     item = json.loads(tiny_datalist.read_text())["testing"][0]
     no_label.write_text(json.dumps({"testing": [{"image": str(tiny_datalist.parent / item["image"])}]}))
-    with pytest.raises(InputError, match="no \"label\""):
+    with pytest.raises(InputError, match='no "label"'):
         run_evaluate(tiny_bundle, no_label, ["rollout"], tmp_path / "c", progress=False)
     assert not any((tmp_path / d).exists() for d in "abc")
 

@@ -80,8 +80,14 @@ def test_search_end_to_end_matches_evaluate(tiny_bundle, tiny_datalist, tmp_path
         rows = list(csv.DictReader(fh))
     assert {r["variant"] for r in rows} == set(report["results"])
     # the same variant through c2f-med evaluate's path gives the same scores
-    summary = run_evaluate(tiny_bundle, tiny_datalist, ["c2f"], tmp_path / "e", params={"c2f": variant_params("best-costaware")},
-                           progress=False)
+    summary = run_evaluate(
+        tiny_bundle,
+        tiny_datalist,
+        ["c2f"],
+        tmp_path / "e",
+        params={"c2f": variant_params("best-costaware")},
+        progress=False,
+    )
     got = report["results"]["best-costaware"]
     for key in ("ap", "iou_topk", "miou", "forward_passes_per_slice"):
         np.testing.assert_allclose(got[key], summary["methods"]["c2f"][key], rtol=1e-9)

@@ -34,7 +34,19 @@ import torch.nn.functional as F
 from c2f_med.explain.attention import minmax
 from c2f_med.explain.relevance import additive_relation, fuse_heads_gradient, fuse_heads_mean, rollout
 
-__all__ = ["RELATIONS", "REFINES", "IMPORTANCES", "relation_matrix", "patch_relation", "rows_normalised", "token_pool", "prototype", "patch_importance", "upsample_tokens", "fine_map"]
+__all__ = [
+    "RELATIONS",
+    "REFINES",
+    "IMPORTANCES",
+    "relation_matrix",
+    "patch_relation",
+    "rows_normalised",
+    "token_pool",
+    "prototype",
+    "patch_importance",
+    "upsample_tokens",
+    "fine_map",
+]
 
 RELATIONS = ("gae", "rollout-last", "rollout-all")
 REFINES = ("gate", "propagate", "mix")
@@ -62,7 +74,9 @@ def relation_matrix(
     if relation == "gae":
         if attention_grads is None:
             raise ValueError("relation 'gae' needs the attention gradients")
-        return additive_relation([fuse_heads_gradient(a, g) for a, g in zip(attentions[l0 - 1 :], attention_grads[l0 - 1 :])])
+        return additive_relation(
+            [fuse_heads_gradient(a, g) for a, g in zip(attentions[l0 - 1 :], attention_grads[l0 - 1 :])]
+        )
     if relation == "rollout-last":
         return rollout([fuse_heads_mean(attentions[-1])])
     return rollout([fuse_heads_mean(a) for a in attentions[l0 - 1 :]])

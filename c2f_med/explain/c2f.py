@@ -15,10 +15,17 @@ import torch
 from c2f_med.explain.af import fine_map, relation_matrix, rows_normalised
 from c2f_med.explain.attention import minmax, targets_for
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
-from c2f_med.explain.perturb import MaskRequest, causal_probabilities, class_probability
 from c2f_med.explain.masks import nested_token_masks
+from c2f_med.explain.perturb import MaskRequest, causal_probabilities, class_probability
 from c2f_med.explain.s3wm import BND, decide, decide_split, evaluation, normaliser, sharpen, three_way
-from c2f_med.explain.vitcx import MaskScoringParams, causal_scores, coverage_map, mask_requests, perturbation_of, slice_masks
+from c2f_med.explain.vitcx import (
+    MaskScoringParams,
+    causal_scores,
+    coverage_map,
+    mask_requests,
+    perturbation_of,
+    slice_masks,
+)
 
 __all__ = ["C2F", "SPEC_FIRST_DEFAULTS"]
 
@@ -142,20 +149,31 @@ class C2F(Explainer):
             coarse, records = self._s3wm(x, t, p_clean, masks, baselines, children)
         else:
             scores = causal_scores(self.model, x, t, p_clean, mask_requests(masks, baselines), prm.batch_size)
-            coarse = minmax(torch.stack([coverage_map(s, m) for s, m in zip(scores.split([len(m) for m in masks]), masks)]))
+            per_slice = zip(scores.split([len(m) for m in masks]), masks)
+            coarse = minmax(torch.stack([coverage_map(s, m) for s, m in per_slice]))
             records = [_record(len(m), 2 * len(m), None, len(m)) for m in masks]
         # Step 3
         if prm.af:
             r = relation_matrix(out.attentions, out.attention_grads, prm.relation, prm.l0)  # B x T x T
-            maps = fine_map(coarse, rows_normalised(r), self.model.grid, self.model.patch_size, prm.refine,
-                            prm.mix_lambda, prm.importance, r[:, 0, 1:])
+            maps = fine_map(
+                coarse,
+                rows_normalised(r),
+                self.model.grid,
+                self.model.patch_size,
+                prm.refine,
+                prm.mix_lambda,
+                prm.importance,
+                r[:, 0, 1:],
+            )
         else:
             maps = coarse
         step0 = 1 + (1 if find_forward else 0)  # per slice: the clean pass (and the class search)
         for rec in records:
             rec["forward_passes"] += step0
         forward = sum(rec["forward_passes"] for rec in records)
-        return Explanation(saliency=maps.float(), target=t, forward_passes=forward, backward_passes=b if grads else 0, records=records)
+        return Explanation(
+            saliency=maps.float(), target=t, forward_passes=forward, backward_passes=b if grads else 0, records=records
+        )
 
     def _s3wm(
         self,
@@ -218,14 +236,26 @@ class C2F(Explainer):
         owners = [(i, k) for i, ks in enumerate(bnd) for k in ks]
         level2 = [MaskRequest(i, c, baselines[i][k]) for i, k in owners for c in children[i][k]]
         scores2 = causal_scores(self.model, x, t, p_clean, level2, prm.batch_size).split(
-            [len(children[i][k]) for i, k in owners])
+            [len(children[i][k]) for i, k in owners]
+        )
         child_scores = {owner: s for owner, s in zip(owners, scores2)}
         maps, records = [], []
         for i, m in enumerate(masks):
-            e2 = [evaluation(child_scores[(i, k)], z[i]) if (i, k) in child_scores else torch.empty(0)
-                  for k in range(len(m))]
-            d = decide_split(evaluation(scores1[i], z[i]), e2, prm.alpha1, prm.beta1, prm.alpha2, prm.beta2,
-                             prm.gamma3, prm.k_min, region1=regions1[i])
+            e2 = [
+                evaluation(child_scores[(i, k)], z[i]) if (i, k) in child_scores else torch.empty(0)
+                for k in range(len(m))
+            ]
+            d = decide_split(
+                evaluation(scores1[i], z[i]),
+                e2,
+                prm.alpha1,
+                prm.beta1,
+                prm.alpha2,
+                prm.beta2,
+                prm.gamma3,
+                prm.k_min,
+                region1=regions1[i],
+            )
             chosen_masks, chosen_scores = [m[d.gate]], [scores1[i][d.gate]]
             for k, g in enumerate(d.child_gate):
                 if g.any():
@@ -242,4 +272,9 @@ class C2F(Explainer):
 def _record(k: int, forward: int, counts: dict[str, int] | None, accepted: int) -> dict:
     """A slice's record; ``forward`` counts the perturbed images only (Step 0 is added by the caller)."""
     levels = ("pos1", "neg1", "bnd1", "pos2", "neg2", "bnd2", "acc3", "fallback")
-    return {"K": k, **{key: (None if counts is None else counts[key]) for key in levels}, "accepted": accepted, "forward_passes": forward}
+    return {
+        "K": k,
+        **{key: (None if counts is None else counts[key]) for key in levels},
+        "accepted": accepted,
+        "forward_passes": forward,
+    }

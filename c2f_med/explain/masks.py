@@ -77,7 +77,11 @@ def upsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def nested_token_masks(
-    tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], coarse_delta: float, fine_delta: float = DEFAULT_DELTA
+    tokens: torch.Tensor,
+    grid: tuple[int, int],
+    size: tuple[int, int],
+    coarse_delta: float,
+    fine_delta: float = DEFAULT_DELTA,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Masks at two granularities of one clustering tree, for S3WM's ``granularity="split"``.
 
@@ -108,7 +112,9 @@ def nested_token_masks(
     return upsample_masks(torch.stack(coarse).reshape(-1, *grid), size), children
 
 
-def token_masks(tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], delta: float = DEFAULT_DELTA) -> torch.Tensor:
+def token_masks(
+    tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], delta: float = DEFAULT_DELTA
+) -> torch.Tensor:
     """Step 1 for one slice: tokens ``N x D`` -> masks ``K x H x W`` in [0, 1]; ``K`` = ``len(result)``."""
     tokens = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
     return upsample_masks(merge_maps(token_maps(tokens, grid), delta), size)

@@ -127,7 +127,8 @@ def causal_probabilities(
         images: which images to score per request: ``"tilde"`` (``x~``) and/or ``"hat"`` (``x^``).
 
     Returns:
-        One tensor (float32, or float64 for float64 slices) of ``len(requests)`` probabilities per entry of ``images``, in that order
+        One tensor (float32, or float64 for float64 slices) of ``len(requests)`` probabilities per entry of
+        ``images``, in that order
         (e.g. ``(p_tilde, p_hat)``). The forward passes spent are ``len(requests) * len(images)``.
     """
     if not images or set(images) - {"tilde", "hat"}:

@@ -41,8 +41,21 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["POS", "NEG", "BND", "REFERENCES", "yao_thresholds", "normaliser", "evaluation", "sharpen", "three_way", "decide",
-           "Decision", "decide_split", "SplitDecision"]
+__all__ = [
+    "POS",
+    "NEG",
+    "BND",
+    "REFERENCES",
+    "yao_thresholds",
+    "normaliser",
+    "evaluation",
+    "sharpen",
+    "three_way",
+    "decide",
+    "Decision",
+    "decide_split",
+    "SplitDecision",
+]
 
 #: region labels of :func:`three_way`
 POS, NEG, BND = 1, -1, 0
@@ -66,7 +79,9 @@ def yao_thresholds(
     the result must satisfy ``alpha >= beta``. The spec's losses (0, 0.3, 1, 1, 0.3, 0) give (0.7, 0.3).
     """
     if not (lambda_PP <= lambda_BP < lambda_NP and lambda_NN <= lambda_BN < lambda_PN):
-        raise ValueError("losses must satisfy lambda_PP <= lambda_BP < lambda_NP and lambda_NN <= lambda_BN < lambda_PN")
+        raise ValueError(
+            "losses must satisfy lambda_PP <= lambda_BP < lambda_NP and lambda_NN <= lambda_BN < lambda_PN"
+        )
     alpha = (lambda_PN - lambda_BN) / ((lambda_PN - lambda_BN) + (lambda_BP - lambda_PP))
     beta = (lambda_BN - lambda_NN) / ((lambda_BN - lambda_NN) + (lambda_NP - lambda_BP))
     if alpha < beta:
@@ -255,6 +270,11 @@ def decide_split(
         for k in order[: k_min - units]:
             gate[k] = True
             fallback += 1
-    counts = {"pos1": int((r1 == POS).sum()), "neg1": int((r1 == NEG).sum()), "bnd1": int((r1 == BND).sum()),
-              **counts, "fallback": fallback}
+    counts = {
+        "pos1": int((r1 == POS).sum()),
+        "neg1": int((r1 == NEG).sum()),
+        "bnd1": int((r1 == BND).sum()),
+        **counts,
+        "fallback": fallback,
+    }
     return SplitDecision(gate=gate, child_gate=child_gate, counts=counts)

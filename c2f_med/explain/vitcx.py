@@ -15,7 +15,15 @@ from c2f_med.explain.masks import DEFAULT_DELTA, token_masks
 from c2f_med.explain.perturb import MaskRequest, Perturbation, causal_probabilities, class_probability
 from c2f_med.models.vit import TokenOutputs, TokenViT
 
-__all__ = ["MaskScoringParams", "ViTCX", "coverage_map", "causal_scores", "slice_masks", "mask_requests", "perturbation_of"]
+__all__ = [
+    "MaskScoringParams",
+    "ViTCX",
+    "coverage_map",
+    "causal_scores",
+    "slice_masks",
+    "mask_requests",
+    "perturbation_of",
+]
 
 
 @dataclass
@@ -111,4 +119,6 @@ class ViTCX(Explainer):
             maps = minmax(maps**prm.gamma)
         ks = [len(m) for m in masks]
         records = [{"K": k, "forward_passes": 1 + 2 * k} for k in ks]
-        return Explanation(saliency=maps.float(), target=t, forward_passes=x.shape[0] + 2 * sum(ks), backward_passes=0, records=records)
+        return Explanation(
+            saliency=maps.float(), target=t, forward_passes=x.shape[0] + 2 * sum(ks), backward_passes=0, records=records
+        )

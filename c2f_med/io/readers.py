@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.uid import MediaStorageDirectoryStorage
 from monai.config import PathLike
 from monai.data import ImageReader, NibabelReader, PydicomReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images, is_dicom_path
 from monai.data.utils import orientation_ras_lps
 from monai.transforms.io.array import SUPPORTED_READERS
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+from pydicom.uid import MediaStorageDirectoryStorage
 
 from c2f_med.errors import InputError
 

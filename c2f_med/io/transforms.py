@@ -294,7 +294,9 @@ class MRPercentileNorm(Transform):
             lo, hi = values.min(), values.max()
         out = ScaleIntensityRange(float(lo), float(hi), 0.0, self.top, clip=False)(img).clamp(0.0, 1.0)
         if isinstance(out, MetaTensor):
-            out.meta["intensity_preset"] = f"mr_percentiles(lower={self.lower:g}, upper={self.upper:g}, top={self.top:.4g})"
+            out.meta["intensity_preset"] = (
+                f"mr_percentiles(lower={self.lower:g}, upper={self.upper:g}, top={self.top:.4g})"
+            )
         return out
 
 
@@ -357,8 +359,14 @@ class CTWindowd(MapTransform):
 class MRPercentileNormd(MapTransform):
     """Dictionary version of :class:`MRPercentileNorm`."""
 
-    def __init__(self, keys: KeysCollection, lower: float = 0.5, upper: float = 99.5, top: float = 2 / 3,
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        lower: float = 0.5,
+        upper: float = 99.5,
+        top: float = 2 / 3,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.transform = MRPercentileNorm(lower, upper, top)
 

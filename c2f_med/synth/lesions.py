@@ -196,8 +196,8 @@ def render_lesion(spec: LesionSpec, spacing_mm) -> tuple[NDArray[np.float32], tu
     whose centres lie at 0.4-0.8 of its semi-axes). Irregular: the boundary's radius times
     ``1 + sum_j w_j sin(f_j u.v_j + phi_j)`` (``u`` the unit direction, 4 random low frequencies,
     a change of at most 15-30 %). Cuboid: ``d = max_j(|q_j| - a_j)`` in the box frame (exact
-    inside and across the faces). Ring: the ellipsoid's profile (its extent: the mask). Texture: ``profile *= 1 - texture * n`` with ``n`` smoothed
-    uniform noise rescaled to [0, 1].
+    inside and across the faces). Ring: the ellipsoid's profile (its extent: the mask). Texture:
+    ``profile *= 1 - texture * n`` with ``n`` smoothed uniform noise rescaled to [0, 1].
 
     Args:
         spec: the lesion.
@@ -262,7 +262,10 @@ def lesion_slice(
 
 
 def paste(target: NDArray, patch: NDArray, offset: tuple[int, ...], op=np.add) -> None:
-    """In place ``target[box] = op(target[box], patch[part])``: ``patch`` placed at ``offset``, clipped to ``target``."""
+    """In place ``target[box] = op(target[box], patch[part])``.
+
+    ``patch`` is placed at ``offset`` and clipped to ``target``.
+    """
     lo = np.maximum(offset, 0)
     hi = np.minimum(np.add(offset, patch.shape), target.shape)
     if np.any(hi <= lo):
@@ -312,12 +315,18 @@ def insert_lesions(
     union = np.zeros(brain.shape, np.float32)
     specs = []
     for _ in range(n):
-        spec = sample_lesion(rng, anatomy.brain, anatomy.affine, diameter_mm=diameter_mm, contrast=contrast,
-                             plane=plane, shapes=shapes)
+        spec = sample_lesion(
+            rng, anatomy.brain, anatomy.affine, diameter_mm=diameter_mm, contrast=contrast, plane=plane, shapes=shapes
+        )
         parts = [(spec, 1.0)]
         if spec.shape == "ring":
-            core = replace(spec, shape="ellipsoid", diameter_mm=spec.diameter_mm * RING_CORE,
-                           edge_mm=min(spec.edge_mm, 1.0), texture=0.0)
+            core = replace(
+                spec,
+                shape="ellipsoid",
+                diameter_mm=spec.diameter_mm * RING_CORE,
+                edge_mm=min(spec.edge_mm, 1.0),
+                texture=0.0,
+            )
             parts.append((core, RING_CORE_CONTRAST - 1.0))
         for k, (part, weight) in enumerate(parts):
             profile, offset = render_lesion(part, spacing)
@@ -380,7 +389,9 @@ def _boundary_noise(rng: np.random.Generator):
     weight = (weight * rng.uniform(0.15, 0.3) / np.abs(weight).sum()).astype(np.float32)  # |change| <= 15-30 %
 
     def factor(u):
-        return 1.0 + sum(w * np.sin(f * (vi[0] * u[0] + vi[1] * u[1] + vi[2] * u[2]) + p)
-                         for w, f, vi, p in zip(weight, freq, v, phase))
+        return 1.0 + sum(
+            w * np.sin(f * (vi[0] * u[0] + vi[1] * u[1] + vi[2] * u[2]) + p)
+            for w, f, vi, p in zip(weight, freq, v, phase)
+        )
 
     return factor

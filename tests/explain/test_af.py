@@ -198,10 +198,12 @@ def test_contrast_and_cls_importance_match_hand(toy):
     np.testing.assert_allclose(patch_importance(p, s, "contrast")[0].numpy(), want, atol=1e-12)
 
     cls_row = torch.tensor(r_hand[None, 0, 1:])
-    np.testing.assert_allclose(patch_importance(p, s, "cls", cls_row)[0].numpy(), hand_minmax(r_hand[0, 1:]), atol=1e-12)
+    got = patch_importance(p, s, "cls", cls_row)[0].numpy()
+    np.testing.assert_allclose(got, hand_minmax(r_hand[0, 1:]), atol=1e-12)
     fine = fine_map(torch.tensor(coarse[None]), p, GRID, P_SIZE, importance="cls", cls_row=cls_row)[0].numpy()
-    np.testing.assert_allclose(fine, hand_minmax(coarse * hand_bilinear(hand_minmax(r_hand[0, 1:]).reshape(GRID))),
-                               atol=1e-10)
+    np.testing.assert_allclose(
+        fine, hand_minmax(coarse * hand_bilinear(hand_minmax(r_hand[0, 1:]).reshape(GRID))), atol=1e-10
+    )
     with pytest.raises(ValueError, match="CLS row"):
         patch_importance(p, s, "cls")
     with pytest.raises(ValueError, match="unknown importance"):

@@ -45,7 +45,9 @@ def test_without_s3wm_and_af_it_is_vitcx_exactly(model, slices):
     assert [r["K"] for r in c2f.records] == [r["K"] for r in vitcx.records]
     assert c2f.forward_passes == vitcx.forward_passes and c2f.backward_passes == 0
     other = create("vitcx", model, perturbation="blur").explain(slices)
-    assert torch.equal(create("c2f", model, s3wm=False, af=False, perturbation="blur").explain(slices).saliency, other.saliency)
+    assert torch.equal(
+        create("c2f", model, s3wm=False, af=False, perturbation="blur").explain(slices).saliency, other.saliency
+    )
 
 
 @pytest.mark.parametrize("costaware", [False, True])
@@ -86,8 +88,9 @@ def test_batch_composition_independence(name):
     that rounding and leaves the algorithm's own batch dependence (there should be none).
     """
     torch.manual_seed(0)
-    timm_vit = TimmViTAdapter(VisionTransformer(img_size=32, patch_size=8, in_chans=1, num_classes=2, embed_dim=32,
-                                                depth=2, num_heads=2)).eval()
+    timm_vit = TimmViTAdapter(
+        VisionTransformer(img_size=32, patch_size=8, in_chans=1, num_classes=2, embed_dim=32, depth=2, num_heads=2)
+    ).eval()
     x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     for model, xs in ((lesion_vit().double(), x.double()), (timm_vit, x)):
         explainer = create(name, model, batch_size=7, **WIDE_BAND)
@@ -166,8 +169,9 @@ def test_sharpen_accepted_removes_the_band_of_every_accepted_mask(model, slices)
     masks = slice_masks(model, out, e.params.delta)
     base = [perturbation_of(e.params).baselines(xs, len(m)) for xs, m in zip(slices, masks)]
     scores = causal_scores(model, slices, t, p, mask_requests(masks, base), 64).split([len(m) for m in masks])
-    want = minmax(torch.stack([coverage_map(s, sharpen(m, e.params.sharpen_a), coverage=m.sum(0))
-                               for s, m in zip(scores, masks)]))
+    want = minmax(
+        torch.stack([coverage_map(s, sharpen(m, e.params.sharpen_a), coverage=m.sum(0)) for s, m in zip(scores, masks)])
+    )
     assert torch.allclose(got, want, atol=1e-6)
     assert not torch.allclose(got, create("vitcx", model).explain(slices, target=1).saliency)
 

@@ -34,7 +34,9 @@ def test_deterministic_baselines():
     mean = Perturbation("mean").baselines(x, 2)
     assert torch.allclose(mean, torch.full_like(mean, float(x.mean())))
     flat = torch.full((1, 8, 8), 0.3)
-    assert torch.allclose(Perturbation("blur", blur_sigma=2.0).baselines(flat, 1)[0], flat, atol=1e-4)  # replicated border
+    assert torch.allclose(
+        Perturbation("blur", blur_sigma=2.0).baselines(flat, 1)[0], flat, atol=1e-4
+    )  # replicated border
     blurred = Perturbation("blur", blur_sigma=2.0).baselines(x, 1)[0]
     assert blurred.std() < x.std()
     with pytest.raises(ValueError):
@@ -47,7 +49,11 @@ def test_causal_probabilities_match_direct_images(model):
     target = torch.tensor([1, 0])
     masks = torch.rand(3, 32, 32, generator=g)
     noise = Perturbation("noise", seed=3).baselines(x[0], 3)
-    requests = [MaskRequest(0, masks[0], noise[0]), MaskRequest(1, masks[1], noise[1]), MaskRequest(0, masks[2], noise[2])]
+    requests = [
+        MaskRequest(0, masks[0], noise[0]),
+        MaskRequest(1, masks[1], noise[1]),
+        MaskRequest(0, masks[2], noise[2]),
+    ]
     p_tilde, p_hat = causal_probabilities(model, x, target, requests, batch_size=4)  # 6 images, 2 chunks
     for i, r in enumerate(requests):
         m, e = r.mask[None], r.baseline

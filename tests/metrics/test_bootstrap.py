@@ -86,7 +86,11 @@ def test_paired_bootstrap_miou_recomputes_the_dataset_miou():
     b = np.stack([union[:, 1] * 0.9, union[:, 1], union[:, 3] * 0.4, union[:, 3]], 1)
     res = paired_bootstrap_miou(a, b, n=500, seed=1)
     # lesion IoU 0.6 vs 0.4 on every slice: the mIoU differs by exactly 0.1, in every resample
-    assert res["mean_diff"] == pytest.approx(0.1) and res["low"] == pytest.approx(0.1) and res["high"] == pytest.approx(0.1)
+    assert (
+        res["mean_diff"] == pytest.approx(0.1)
+        and res["low"] == pytest.approx(0.1)
+        and res["high"] == pytest.approx(0.1)
+    )
     assert res["p_value"] < 0.01 and res["n_pairs"] == 40
     same = paired_bootstrap_miou(a, a, n=200)
     assert same["mean_diff"] == 0 and same["p_value"] == 1.0

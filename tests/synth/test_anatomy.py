@@ -67,7 +67,9 @@ def test_anatomy_fields(contrast):
 @pytest.mark.parametrize("contrast", CONTRASTS)
 def test_tissue_intensities_order(monkeypatch, contrast):
     """Without the warp, the tissue means follow the contrast: T2 CSF > GM > WM, FLAIR GM > WM > CSF."""
-    monkeypatch.setattr(anatomy_module, "_warp_coordinates", lambda rng, shape, spacing: np.indices(shape, dtype=np.float32))
+    monkeypatch.setattr(
+        anatomy_module, "_warp_coordinates", lambda rng, shape, spacing: np.indices(shape, dtype=np.float32)
+    )
     a = make_anatomy(np.random.default_rng(2), contrast)
     t = load_template()
     csf, gm, wm = (float(np.mean(a.image[getattr(t, n) > 0.9])) for n in ("csf", "gm", "wm"))

@@ -16,7 +16,9 @@ from c2f_med.synth.writers import write_dicom_series, write_nifti
 
 def make_affine(spacing, angles_deg=(0.0, 0.0, 0.0), flips=(1, 1, 1), origin=(-50.0, 20.0, -30.0)):
     affine = np.eye(4)
-    affine[:3, :3] = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix() @ np.diag(np.multiply(spacing, flips))
+    affine[:3, :3] = Rotation.from_euler("xyz", angles_deg, degrees=True).as_matrix() @ np.diag(
+        np.multiply(spacing, flips)
+    )
     affine[:3, 3] = origin
     return affine
 
@@ -81,7 +83,9 @@ def test_series_matches_nifti_with_monai(tmp_path, volume, name):
 
 
 def test_series_attributes(tmp_path, volume):
-    folder = write_dicom_series(tmp_path / "dicom", volume, AFFINES["ras"], case_id="s7_0003", description="synthetic T2")
+    folder = write_dicom_series(
+        tmp_path / "dicom", volume, AFFINES["ras"], case_id="s7_0003", description="synthetic T2"
+    )
     slices = series(folder)
     assert len(slices) == volume.shape[2]
     first = slices[0]
