@@ -4,9 +4,23 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 DEMOOUT := demo_out
 
-.PHONY: install demo test lint clean
+# Debian tools the tests use: dciodvfy (DICOM validation), Orthanc + its DICOMweb plugin (a real
+# PACS for the DICOMweb tests), Chromium (the audit report rendered in a real browser). Installed
+# with apt-get when missing and this user may; otherwise the tests that need them skip and say why.
+DEBS    := dicom3tools orthanc orthanc-dicomweb chromium
+TOOLS   := /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/chromium
 
-install: $(STAMP)
+.PHONY: install debian demo test lint clean
+
+install: debian $(STAMP)
+
+debian:
+	@if ! ls $(TOOLS) >/dev/null 2>&1 || ! ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBS)) >/dev/null \
+	      || echo "warning: apt-get could not install $(DEBS); the tests that need them will skip"; \
+	  else echo "note: not root or no apt-get: $(DEBS) not installed; the tests that need them will skip"; fi; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv

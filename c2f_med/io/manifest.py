@@ -24,7 +24,7 @@ from c2f_med.atomic import write_json
 from c2f_med.errors import InputError
 from c2f_med.io.readers import DICOM_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES
 
-__all__ = ["case_id", "read_datalist", "write_datalist"]
+__all__ = ["case_id", "read_datalist", "scan_items", "write_datalist"]
 
 PATH_KEYS = ("image", "label")
 
@@ -58,7 +58,7 @@ def read_datalist(datalist: str | os.PathLike | None, section: str = "testing", 
             section, an item without "image", a missing file, two items with the same case id.
     """
     if datalist is None:
-        raise InputError(None, "no datalist given: pass --datalist FILE (a JSON file listing the scans)")
+        raise InputError(None, "no datalist given: pass --datalist FILE (a JSON list of scans) or --image PATH")
     path = Path(datalist)
     if not path.is_file():
         raise InputError(path, "datalist not found")
@@ -84,6 +84,39 @@ def read_datalist(datalist: str | os.PathLike | None, section: str = "testing", 
                 if key in item and not os.path.exists(item[key]):
                     raise InputError(path, f"{where} ({case}): {key} not found: {item[key]}")
     return items
+
+
+def scan_items(
+    datalist: str | os.PathLike | None = None,
+    section: str = "testing",
+    image: str | os.PathLike | None = None,
+    label: str | os.PathLike | None = None,
+) -> list[dict]:
+    """The scans a run works on: one section of a datalist, or one image (and optional mask).
+
+    This is what the bundle's ``datalist``, ``image`` and ``label`` overrides feed: a cohort comes as
+    a datalist, a single scan as ``image`` (a file or a DICOM folder) with an optional ``label``.
+
+    Returns:
+        items as :func:`read_datalist` returns them.
+
+    Raises:
+        InputError: both or neither of ``datalist`` and ``image``; ``label`` without ``image``; a
+            missing image or label; everything :func:`read_datalist` raises.
+    """
+    if image is None:
+        if label is not None:
+            raise InputError(label, "a label was given without an image: pass --image PATH too")
+        return read_datalist(datalist, section)
+    if datalist is not None:
+        raise InputError(datalist, "both a datalist and an image were given: pass one of --datalist or --image")
+    item = {"image": str(Path(image).resolve()), "case_id": case_id(image)}
+    if label is not None:
+        item["label"] = str(Path(label).resolve())
+    for key in PATH_KEYS:
+        if key in item and not os.path.exists(item[key]):
+            raise InputError(item[key], f"{key} not found")
+    return [item]
 
 
 def write_datalist(

@@ -73,3 +73,27 @@ def test_runner_names_a_bad_datalist_in_one_line(tiny_bundle, tmp_path, datalist
     assert len(errors) == 1 and "datalist" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_one_scan_needs_no_datalist(tiny_bundle, cases, tmp_path):
+    configs = tiny_bundle / "configs"
+    out = tmp_path / "out"
+    item = json.load(open(cases / "datalist.json"))["testing"][0]
+    run(config_file=str(configs / "inference.json"), meta_file=str(configs / "metadata.json"), logging_file=False,
+        bundle_root=str(tiny_bundle), image=str(cases / item["image"]), output_dir=str(out), method="attention")
+    assert [p.name for p in out.iterdir()] == ["a"]
+    assert nib.load(out / "a" / "saliency.nii.gz").shape == SHAPE
+
+
+@pytest.mark.parametrize("extra", [["--image", "missing.nii.gz"], ["--image", "x.nii.gz", "--datalist", "d.json"]])
+def test_runner_names_a_bad_image_override_in_one_line(tiny_bundle, tmp_path, extra):
+    configs = tiny_bundle / "configs"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(tiny_bundle),
+           "--config_file", str(configs / "inference.json"), "--meta_file", str(configs / "metadata.json"),
+           "--output_dir", str(tmp_path / "out"), *[str(tmp_path / v) if v.endswith(("gz", "json")) else v
+                                                    for v in extra]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and ("not found" in errors[0] or "both" in errors[0]), result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

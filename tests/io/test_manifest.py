@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from c2f_med.errors import InputError
-from c2f_med.io.manifest import case_id, read_datalist, write_datalist
+from c2f_med.io.manifest import case_id, read_datalist, scan_items, write_datalist
 
 
 @pytest.mark.parametrize(
@@ -94,3 +94,18 @@ def test_missing_section_bad_json_and_duplicate_case_ids(tmp_path):
     datalist.write_text(json.dumps({"testing": [{"label": "labels/a.nii.gz"}]}))
     with pytest.raises(InputError, match=r'testing\[0\] has no "image" path'):
         read_datalist(datalist)
+
+
+def test_scan_items_takes_one_image_or_a_datalist(tmp_path):
+    image = tmp_path / "scan_01.nii.gz"
+    image.write_bytes(b"x")
+    items = scan_items(image=image)
+    assert items == [{"image": str(image.resolve()), "case_id": "scan_01"}]
+    with pytest.raises(InputError, match="label not found"):
+        scan_items(image=image, label=tmp_path / "nope.nii.gz")
+    with pytest.raises(InputError, match="without an image"):
+        scan_items(label=image)
+    with pytest.raises(InputError, match="both a datalist and an image"):
+        scan_items(datalist=tmp_path / "d.json", image=image)
+    with pytest.raises(InputError, match="no datalist given"):
+        scan_items()
