@@ -5,6 +5,7 @@ Only :data:`DEFAULT_BUNDLE` lives here, so that the command line can name it wit
 """
 
 import os
+import sys
 from pathlib import Path
 
 __all__ = ["BUNDLE_ENV", "DEFAULT_BUNDLE"]
@@ -12,7 +13,17 @@ __all__ = ["BUNDLE_ENV", "DEFAULT_BUNDLE"]
 #: environment variable naming the bundle to use when ``--bundle`` is not given
 BUNDLE_ENV = "C2F_MED_BUNDLE"
 
-#: the bundle used without ``--bundle``: ``$C2F_MED_BUNDLE`` if set, else the one this source tree ships
-#: (``bundles/c2f_lesion_vit`` of a clone; an installed package without the clone has none, and
-#: loading it names the missing folder and these two ways to give one)
-DEFAULT_BUNDLE = Path(os.environ.get(BUNDLE_ENV) or Path(__file__).resolve().parents[2] / "bundles" / "c2f_lesion_vit")
+
+def _default_bundle() -> Path:
+    """``$C2F_MED_BUNDLE`` if set; else the bundle of this source tree (``bundles/c2f_lesion_vit`` of a
+    clone); else the copy a non-editable install puts in ``<prefix>/share/c2f_med/bundles``. When none
+    exists, the source tree's path, which loading then names as missing, with the ways to give one."""
+    if os.environ.get(BUNDLE_ENV):
+        return Path(os.environ[BUNDLE_ENV])
+    source = Path(__file__).resolve().parents[2] / "bundles" / "c2f_lesion_vit"
+    installed = Path(sys.prefix) / "share" / "c2f_med" / "bundles" / "c2f_lesion_vit"
+    return next((p for p in (source, installed) if (p / "configs").is_dir()), source)
+
+
+#: the bundle used without ``--bundle`` (see :func:`_default_bundle`)
+DEFAULT_BUNDLE = _default_bundle()
