@@ -10,7 +10,7 @@ DEMOOUT := demo_out
 DEBS    := dicom3tools orthanc orthanc-dicomweb chromium
 TOOLS   := /usr/bin/dciodvfy /usr/sbin/Orthanc /usr/bin/chromium
 
-.PHONY: install debian demo test lint clean
+.PHONY: install debian demo results test lint clean
 
 install: debian $(STAMP)
 
@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	$(PY) -m c2f_med.demo --out $(DEMOOUT)
+
+# the demo, then its tables written to docs/results.md with the date, machine and versions
+results: install
+	$(PY) -m c2f_med.demo --out $(DEMOOUT) --results docs/results.md
 
 lint: install
 	.venv/bin/ruff check .
