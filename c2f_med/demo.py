@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from c2f_med.atomic import write_text
+from c2f_med.atomic import write_bytes, write_text
 from c2f_med.models.bundle import DEFAULT_BUNDLE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                    check=True)
     if a.results:
         write_results(a.results, a.out / "evaluate", time.time() - start)
-        print(f"results written to {a.results}")
+        overlay = sorted(bundle_out.glob("*/overlay.png"))[0]  # the README's picture
+        write_bytes(a.results.parent / "overlay.png", overlay.read_bytes())
+        print(f"results written to {a.results}, {a.results.parent / 'overlay.png'} ({overlay.parent.name})")
     print(f"\ndemo finished in {time.time() - start:.0f} s")
     print(f"  saliency volumes and overlays: {bundle_out}/<case>/saliency.nii.gz, overlay.png")
     print(f"  scores of every explainer:     {a.out / 'evaluate' / 'summary.md'}")
