@@ -1,9 +1,12 @@
-"""The user documentation states what the code does: docs/method.md's constants table equals C2F's defaults."""
+"""The user documentation states what the code does: docs/method.md's constants table equals C2F's defaults,
+and the CLI accepts every command the README and docs show."""
 
 import dataclasses
 import re
+import shlex
 from pathlib import Path
 
+from c2f_med.cli import build_parser
 from c2f_med.explain.base import available
 from c2f_med.explain.c2f import C2F
 
@@ -28,3 +31,33 @@ def test_method_variants_are_registered():
     rows = _table_rows((DOCS / "method.md").read_text(), "## Variants and ablations")
     assert rows and set(rows) <= set(available())
     assert {"c2f", "c2f-first", "c2f-noS3WM", "c2f-noAF", "vitcx"} <= set(rows)
+
+
+def _documented_commands(text: str) -> list[list[str]]:
+    """Every ``c2f-med ...`` command in the fenced code blocks of ``text`` (continuation lines joined,
+    comments dropped), split into arguments."""
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" # ", 1)[0].strip()
+            if line.startswith("c2f-med "):
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_documented_commands_parse():
+    """The CLI accepts every command the README and docs show (verbs, flags, choices, method names)."""
+    parser = build_parser()
+    pages = [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for argv in _documented_commands(page.read_text()):
+            try:
+                a = parser.parse_args(argv)
+            except SystemExit as err:
+                raise AssertionError(f"{page.name}: c2f-med {' '.join(argv)}") from err
+            for method in str(getattr(a, "methods", None) or getattr(a, "method", "") or "").split(","):
+                assert not method or method in available(), f"{page.name}: unknown method {method!r}"
+            checked += 1
+    assert checked >= 5
