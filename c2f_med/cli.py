@@ -49,7 +49,7 @@ def _train(a: argparse.Namespace) -> None:
 
     recipe = dict(recipe_value(item) for item in a.set)
     result = run_training(a.datalist, a.bundle, epochs=a.epochs, seed=a.seed, online_lesions=a.online_lesions,
-                          epoch_steps=a.epoch_steps, init=a.init, recipe=recipe)
+                          epoch_steps=a.epoch_steps, init=a.init, recipe=recipe, device=a.device)
     best = result["best"]
     print(f"best validation slice AUROC {best['val_auroc']:.4f}, accuracy {best['val_accuracy']:.4f} "
           f"at step {best['step']}; weights in {Path(a.bundle) / 'models' / 'model.pt'}")
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of --epoch-steps steps, a validation after each (the shipped model: 26 x 500)")
     t.add_argument("--epoch-steps", type=int, default=500, help="optimiser steps per epoch")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     t.add_argument("--online-lesions", action="store_true",
                    help="train on synthetic anatomies with lesions drawn afresh for every volume")
     t.add_argument("--init", type=Path,

@@ -1,5 +1,11 @@
 """Training the slice classifier as a MONAI ``SupervisedTrainer`` workflow.
 
+The workflow is declared in the bundle's ``configs/train.json`` as model-zoo bundles declare theirs
+(network, optimiser, scheduler, loss, data, trainer, evaluator and handlers under the ids
+``network_def``, ``optimizer``, ``lr_scheduler``, ``train#...``, ``validate#...``); this module holds
+the parts it names. ``c2f-med train`` (:func:`run_training`) and ``python -m monai.bundle run
+--config_file configs/train.json`` run the same workflow.
+
 Two slice sources, one recipe:
 
 - :class:`OnlineLesionSlices` (the demo model): random anatomies from :mod:`c2f_med.synth` with
@@ -41,8 +47,10 @@ from torch.utils.data import IterableDataset
 
 from c2f_med.slices import INPUT_MEAN, INPUT_STD, normalise_input, to_model_grid, volume_slices
 
-__all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "augment", "bundle_network", "plot_curve",
-           "recipe_fields", "recipe_value", "slice_dataset", "train"]
+__all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "GradientClip", "SliceTokenLoss", "TokenBatch",
+           "TrainingLog", "WarmupCosine", "augment", "build_network", "bundle_network", "finish", "make_config",
+           "param_groups", "plot_curve", "probabilities_onehot", "recipe_fields", "recipe_value", "run_training",
+           "slice_dataset", "training_slices", "validation_slices"]
 
 
 @dataclass
@@ -290,7 +298,7 @@ class TokenLesionHead(nn.Module):
         self.bf16 = bf16
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             logits, hidden = self.net.vit(self.net.stem(x))
             tokens = self.net.vit.norm(hidden[-1])[:, 1:]  # B x N x D, CLS dropped
             token_logits = self.head(tokens).squeeze(-1)
@@ -303,7 +311,7 @@ def token_targets(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
     return (F.avg_pool2d(masks.float(), patch_size) >= 0.05).float().flatten(1)
 
 
-def _param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on norms, biases, position embeddings and the CLS token."""
     decay, no_decay = [], []
     for name, p in net.named_parameters():
@@ -314,150 +322,188 @@ def _param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _schedule(cfg: TrainConfig):
-    """Linear warmup, then cosine from lr to lr * final_lr_fraction (multiplier per step)."""
+class WarmupCosine:
+    """Learning-rate multiplier per step (for ``LambdaLR``): linear warmup over ``warmup_steps``, then
+    cosine from 1 to ``final_lr_fraction`` at ``steps``."""
 
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * t))
+    def __init__(self, config: TrainConfig):
+        self.warmup, self.steps, self.final = config.warmup_steps, config.steps, config.final_lr_fraction
 
-    return factor
-
-
-def validation_slices(items: list[dict], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All non-background slices of the labelled ``items`` with their lesion labels."""
-    xs, ys = [], []
-    for image, label in _load_cases(items):
-        x, y, _, _ = slice_dataset(image, label, size)
-        xs.append(x)
-        ys.append(y)
-    return torch.cat(xs), torch.cat(ys)
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        t = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.final + (1 - self.final) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def train(
-    bundle: Path,
-    val_items: list[dict],
-    cfg: TrainConfig,
-    train_items: list[dict] | None = None,
-    progress: bool = True,
-) -> dict:
-    """Train with MONAI's ``SupervisedTrainer``; keep the best validation-AUROC weights.
+def make_config(bundle_root: str | Path, *, epochs: int, epoch_steps: int, seed: int, init: str | None = None,
+                recipe: dict | None = None) -> TrainConfig:
+    """The recipe of one run: :class:`TrainConfig` defaults, the bundle's network (:func:`bundle_network`),
+    the run's length, seed and starting weights, and ``recipe`` (fields that replace defaults).
 
-    Writes ``bundle/models/model.pt`` (best state dict), ``bundle/models/training_log.csv`` (one row
-    per epoch: step, seconds, loss, val AUROC, val accuracy) and returns the best metrics.
-    ``train_items=None`` trains on :class:`OnlineLesionSlices`.
+    Raises:
+        InputError: an unknown recipe field, a network training cannot build.
     """
-    from ignite.engine import Events
-    from ignite.metrics import Accuracy
-    from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTrainer
-    from monai.handlers import ROCAUC, CheckpointSaver, LrScheduleHandler, StatsHandler, ValidationHandler
-    from monai.handlers.utils import from_engine
-    from monai.utils import set_determinism
+    from c2f_med.errors import InputError
 
-    from c2f_med.atomic import atomic_path
+    recipe = dict(recipe or {})
+    unknown = set(recipe) - recipe_fields()
+    if unknown:
+        raise InputError(None, f"recipe fields {', '.join(sorted(unknown))} are not among "
+                               f"{', '.join(sorted(recipe_fields()))}")
+    img_size, model = bundle_network(Path(bundle_root))
+    return TrainConfig(steps=epochs * epoch_steps, epoch_steps=epoch_steps, seed=seed, img_size=img_size, model=model,
+                       init=None if init is None else str(init), **recipe)
+
+
+def build_network(config: TrainConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """The bundle's :class:`~c2f_med.models.vit.LesionViT`, from ``config.init``'s weights when given."""
     from c2f_med.models.bundle import load_weights
     from c2f_med.models.vit import LesionViT
 
-    set_determinism(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    bundle = Path(bundle)
-    models = bundle / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cpu")
+    torch.manual_seed(config.seed)
+    net = LesionViT(img_size=config.img_size, **config.model).to(device)
+    if config.init is not None:
+        load_weights(net, config.init, device, problem="is not a state dict of the bundle's network")
+    return net
 
-    net = LesionViT(img_size=cfg.img_size, **cfg.model).to(device)
-    if cfg.init is not None:
-        load_weights(net, cfg.init, device, problem="is not a state dict of the bundle's network")
-    source = OnlineLesionSlices(cfg) if train_items is None else DatalistSlices(train_items, cfg)
-    # no worker process: on 2 cores a worker beside torch's threads oversubscribes them (measured
-    # ~4 s/step against 0.6 s/step in-process)
-    train_loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=0)
-    vx, vy = validation_slices(val_items, cfg.img_size)
-    val_data = [{"image": vx[i], "label": vy[i]} for i in range(len(vy))]
-    val_loader = torch.utils.data.DataLoader(val_data, batch_size=128, shuffle=False)
 
-    wrapped = TokenLesionHead(net, bf16=cfg.bf16)
-    optimiser = torch.optim.AdamW(_param_groups(wrapped, cfg.weight_decay), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _schedule(cfg))
+def training_slices(datalist: str | Path | None, config: TrainConfig, online_lesions: bool) -> IterableDataset:
+    """The training stream: :class:`OnlineLesionSlices` with ``online_lesions``, else :class:`DatalistSlices`
+    of the datalist's "training" cases (an :class:`~c2f_med.errors.InputError` when it has none)."""
+    from c2f_med.errors import InputError
+    from c2f_med.io.manifest import read_datalist
 
-    def _probs_onehot(out: dict) -> tuple[torch.Tensor, torch.Tensor]:  # batch (not decollated) output
-        return torch.softmax(out["pred"], 1), F.one_hot(out["label"].long(), 2)
+    if online_lesions:
+        return OnlineLesionSlices(config)
+    items = read_datalist(datalist, "training")
+    if not items:
+        raise InputError(datalist, "has no 'training' cases (or pass --online-lesions)")
+    return DatalistSlices(items, config)
 
-    evaluator = SupervisedEvaluator(
-        device=device,
-        val_data_loader=val_loader,
-        network=net,
-        decollate=False,
-        key_val_metric={"val_auroc": ROCAUC(output_transform=_probs_onehot)},
-        additional_metrics={"val_accuracy": Accuracy(output_transform=from_engine(["pred", "label"]))},
-        val_handlers=[CheckpointSaver(save_dir=str(models), save_dict={"model": net}, save_key_metric=True,
-                                      key_metric_n_saved=1, key_metric_filename="model.pt")],
-    )
 
-    pos_weight = torch.tensor(cfg.token_pos_weight)
+def validation_slices(datalist: str | Path | None, config: TrainConfig) -> list[dict[str, torch.Tensor]]:
+    """Every non-background slice of the datalist's "validation" cases, ``[{"image": 1 x S x S, "label": ()}]``
+    (they choose the kept checkpoint; an :class:`~c2f_med.errors.InputError` when there are none)."""
+    from c2f_med.errors import InputError
+    from c2f_med.io.manifest import read_datalist
 
-    def prepare(batch: dict, device, non_blocking: bool = False, **_):
-        targets = (batch["label"].to(device), token_targets(batch["mask"], net.patch_size).to(device))
+    items = read_datalist(datalist, "validation")
+    if not items:
+        raise InputError(datalist, "has no 'validation' cases to select the best checkpoint on")
+    xs, ys = [], []
+    for image, label in _load_cases(items):
+        x, y, _, _ = slice_dataset(image, label, config.img_size)
+        xs.append(x)
+        ys.append(y)
+    x, y = torch.cat(xs), torch.cat(ys)
+    return [{"image": x[i], "label": y[i]} for i in range(len(y))]
+
+
+class TokenBatch:
+    """``prepare_batch`` of the trainer: a batch of :class:`OnlineLesionSlices` / :class:`DatalistSlices`
+    -> ``(images, (slice labels B, token targets B x N))`` (:func:`token_targets`)."""
+
+    def __init__(self, patch_size: int):
+        self.patch_size = patch_size
+
+    def __call__(self, batch: dict, device, non_blocking: bool = False, **_):
+        targets = (batch["label"].to(device), token_targets(batch["mask"], self.patch_size).to(device))
         return batch["image"].to(device), targets
 
-    def loss(pred, targets):
+
+class SliceTokenLoss(nn.Module):
+    """Cross-entropy of the slice logits plus ``token_loss_weight`` x BCE of the token logits (lesion
+    tokens weighted by ``token_pos_weight``): ``pred`` and ``targets`` as :class:`TokenLesionHead` and
+    :class:`TokenBatch` give them."""
+
+    def __init__(self, token_loss_weight: float, token_pos_weight: float):
+        super().__init__()
+        self.weight = token_loss_weight
+        self.register_buffer("pos_weight", torch.tensor(float(token_pos_weight)))
+
+    def forward(self, pred, targets) -> torch.Tensor:
         (logits, token_logits), (label, token_label) = pred, targets
-        token_loss = F.binary_cross_entropy_with_logits(token_logits, token_label, pos_weight=pos_weight)
-        return F.cross_entropy(logits, label) + cfg.token_loss_weight * token_loss
+        token_loss = F.binary_cross_entropy_with_logits(token_logits, token_label, pos_weight=self.pos_weight)
+        return F.cross_entropy(logits, label) + self.weight * token_loss
 
-    trainer = SupervisedTrainer(
-        device=device,
-        max_epochs=math.ceil(cfg.steps / cfg.epoch_steps),
-        epoch_length=cfg.epoch_steps,
-        train_data_loader=train_loader,
-        network=wrapped,
-        optimizer=optimiser,
-        loss_function=loss,
-        prepare_batch=prepare,
-        train_handlers=[
-            LrScheduleHandler(lr_scheduler=scheduler, print_lr=False, epoch_level=False),
-            ValidationHandler(validator=evaluator, interval=1, epoch_level=True),
-            StatsHandler(tag_name="loss", output_transform=from_engine(["loss"], first=True), iteration_log=False),
-        ],
-    )
 
-    @trainer.on(IterationEvents.BACKWARD_COMPLETED)
-    def _clip(engine):
-        nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
+def probabilities_onehot(output: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output transform for ROCAUC on a batch (not decollated) output: softmax probabilities, one-hot labels."""
+    return torch.softmax(output["pred"], 1), F.one_hot(output["label"].long(), 2)
 
-    if progress:
-        from ignite.contrib.handlers import ProgressBar
 
-        ProgressBar(persist=False).attach(trainer, output_transform=from_engine(["loss"], first=True))
+class GradientClip:
+    """Clips the gradient norm of ``module``'s parameters to ``max_norm`` after every backward pass."""
 
-    log_rows: list[dict] = []
-    losses: list[float] = []
-    start = time.time()
+    def __init__(self, module: nn.Module, max_norm: float):
+        self.module, self.max_norm = module, max_norm
 
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _loss(engine):
-        losses.append(float(engine.state.output[0]["loss"]))
+    def attach(self, engine) -> None:
+        from monai.engines import IterationEvents
 
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _log(engine):
-        row = {
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        nn.utils.clip_grad_norm_(self.module.parameters(), self.max_norm)
+
+
+class TrainingLog:
+    """One row per epoch (step, seconds, mean loss of the epoch, the evaluator's ``val_auroc`` and
+    ``val_accuracy``) written atomically to ``path`` (CSV) after every epoch."""
+
+    def __init__(self, path: str | Path, evaluator, epoch_steps: int):
+        self.path, self.evaluator, self.epoch_steps = Path(path), evaluator, epoch_steps
+        self.rows: list[dict] = []
+        self.losses: list[float] = []
+        self.start = time.time()
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._loss)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _started(self, engine) -> None:
+        self.start = time.time()
+
+    def _loss(self, engine) -> None:
+        self.losses.append(float(engine.state.output[0]["loss"]))
+
+    def _epoch(self, engine) -> None:
+        from c2f_med.atomic import write_csv
+
+        metrics = self.evaluator.state.metrics
+        self.rows.append({
             "step": engine.state.iteration,
-            "seconds": round(time.time() - start, 1),
-            "loss": float(np.mean(losses[-cfg.epoch_steps:])),
-            "val_auroc": float(evaluator.state.metrics["val_auroc"]),
-            "val_accuracy": float(evaluator.state.metrics["val_accuracy"]),
-        }
-        log_rows.append(row)
-        with atomic_path(models / "training_log.csv") as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            w.writeheader()
-            w.writerows(log_rows)
+            "seconds": round(time.time() - self.start, 1),
+            "loss": float(np.mean(self.losses[-self.epoch_steps:])),
+            "val_auroc": float(metrics["val_auroc"]),
+            "val_accuracy": float(metrics["val_accuracy"]),
+        })
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_csv(self.path, self.rows, list(self.rows[0]))
 
-    trainer.run()
-    best = max(log_rows, key=lambda r: r["val_auroc"])
-    return {"best": best, "config": asdict(cfg), "val_slices": int(len(vy)), "val_positive": int(vy.sum())}
+
+def finish(bundle_root: str | Path, log: TrainingLog, config: TrainConfig, datalist: str | Path | None,
+           online_lesions: bool, validation: Sequence[dict]) -> dict:
+    """After training: ``models/train_summary.json`` (the best epoch, the recipe, the data) and
+    ``docs/training_curve.png`` in the bundle; returns the summary."""
+    from c2f_med.atomic import write_json
+
+    bundle = Path(bundle_root)
+    result = {
+        "best": max(log.rows, key=lambda r: r["val_auroc"]),
+        "config": asdict(config),
+        "val_slices": len(validation),
+        "val_positive": int(sum(int(v["label"]) for v in validation)),
+        "datalist": str(datalist),
+        "online_lesions": online_lesions,
+    }
+    write_json(bundle / "models" / "train_summary.json", result)
+    plot_curve([log.path], bundle / "docs" / "training_curve.png")
+    return result
 
 
 def plot_curve(logs: Sequence[Path], png: Path) -> None:
@@ -516,36 +562,37 @@ def bundle_network(bundle: Path) -> tuple[int, dict]:
 
 
 def run_training(datalist: Path | str | None, bundle: Path, *, epochs: int, seed: int, online_lesions: bool,
-                 epoch_steps: int = 250, init: Path | None = None, recipe: dict | None = None) -> dict:
-    """``c2f-med train``: train the bundle's ``network_def`` (:func:`bundle_network`), then write
-    ``models/model.pt``, ``models/training_log.csv``, ``models/train_summary.json`` and
-    ``docs/training_curve.png`` into ``bundle``.
+                 epoch_steps: int = 250, init: Path | None = None, recipe: dict | None = None,
+                 device: str = "cpu") -> dict:
+    """``c2f-med train``: run the bundle's training workflow (``configs/train.json``, the declarative
+    MONAI ``SupervisedTrainer`` with its handlers; the shipped bundle's when ``bundle`` has none) with
+    these overrides. Writes ``models/model.pt`` (the best validation AUROC), ``models/training_log.csv``,
+    ``models/train_summary.json`` and ``docs/training_curve.png`` into ``bundle``, and returns the summary.
 
-    ``init``: a state dict to start from (fine-tuning); ``recipe``: :class:`TrainConfig` fields
-    that replace its defaults (e.g. ``{"lr": 3e-4, "curriculum_fraction": 0}`` for fine-tuning).
-    Both are recorded in ``train_summary.json``'s config.
+    ``init``: a state dict to start from (fine-tuning); ``recipe``: :class:`TrainConfig` fields that
+    replace its defaults (e.g. ``{"lr": 3e-4, "curriculum_fraction": 0}``). Both are recorded in
+    ``train_summary.json``'s config.
     """
-    from c2f_med.atomic import write_json
-    from c2f_med.errors import InputError
-    from c2f_med.io.manifest import read_datalist
+    from monai.bundle import ConfigWorkflow
 
-    recipe = dict(recipe or {})  # from --set (checked per item) or the bundle's train.json (checked here)
-    unknown = set(recipe) - recipe_fields()
-    if unknown:
-        raise InputError(None, f"recipe fields {', '.join(sorted(unknown))} are not among "
-                               f"{', '.join(sorted(recipe_fields()))}")
-    val_items = read_datalist(datalist, "validation")
-    train_items = None if online_lesions else read_datalist(datalist, "training")
-    if not val_items:
-        raise InputError(datalist, "has no 'validation' cases to select the best checkpoint on")
-    if train_items is not None and not train_items:
-        raise InputError(datalist, "has no 'training' cases (or pass --online-lesions)")
-    img_size, model = bundle_network(Path(bundle))
-    cfg = TrainConfig(steps=epochs * epoch_steps, epoch_steps=epoch_steps, seed=seed, img_size=img_size, model=model,
-                      init=None if init is None else str(init), **recipe)
-    result = train(Path(bundle), val_items, cfg, train_items)
-    result["datalist"] = str(datalist)
-    result["online_lesions"] = online_lesions
-    write_json(Path(bundle) / "models" / "train_summary.json", result)
-    plot_curve([Path(bundle) / "models" / "training_log.csv"], Path(bundle) / "docs" / "training_curve.png")
-    return result
+    from c2f_med.errors import find_input_error
+    from c2f_med.models import DEFAULT_BUNDLE
+
+    bundle = Path(bundle)
+    configs = bundle / "configs" if (bundle / "configs" / "train.json").is_file() else DEFAULT_BUNDLE / "configs"
+    workflow = ConfigWorkflow(
+        config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"), logging_file=False,
+        workflow_type=None, bundle_root=str(bundle), datalist=None if datalist is None else str(datalist),
+        epochs=epochs, epoch_steps=epoch_steps, seed=seed, online_lesions=online_lesions,
+        init=None if init is None else str(init), recipe=dict(recipe or {}), device=device,
+    )
+    try:
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    except Exception as exc:  # MONAI wraps a component's InputError: give the caller the error itself
+        err = find_input_error(exc)
+        if err is None:
+            raise
+        raise err from exc
+    return json.loads((bundle / "models" / "train_summary.json").read_text())

@@ -116,15 +116,31 @@ def test_ckpt_export_by_tracing(tiny_bundle, tmp_path):
         torch.testing.assert_close(torch.jit.load(ts)(x), net.eval()(x))
 
 
-def test_train_config_calls_run_training(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr("c2f_med.models.train.run_training", lambda *args, **kwargs: calls.append((args, kwargs)))
-    workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=str(META), logging_file=False,
-                              workflow_type=None, bundle_root=str(tmp_path), datalist="dl.json", epochs=2, seed=5)
-    workflow.initialize()
-    workflow.run()
-    assert calls == [(("dl.json", tmp_path),
-                      {"epochs": 2, "seed": 5, "online_lesions": True, "epoch_steps": 500, "init": None, "recipe": {}})]
+def test_train_config_runs_with_monai_runner(tmp_path, tiny_bundle, tiny_datalist):
+    """train.json as MONAI's runner sees it: the model zoo's training properties, overrides for the data,
+    length and seed; a datalist without a validation section stops it with the project's error."""
+    from c2f_med.errors import find_input_error
+
+    items = json.loads(tiny_datalist.read_text())["testing"]
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"validation": [{k: str(tiny_datalist.parent / v) for k, v in i.items()}
+                                               for i in items]}))
+    bad.write_text(json.dumps({"training": []}))
+
+    def workflow(datalist):
+        flow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=str(META), logging_file=False,
+                              workflow_type="train", bundle_root=str(tiny_bundle), datalist=str(datalist), epochs=2,
+                              seed=5)
+        flow.initialize()
+        return flow
+
+    flow = workflow(good)
+    assert flow.check_properties() == []
+    assert flow.max_epochs == 2 and flow.trainer.optimizer.__class__.__name__ == "AdamW"
+    with pytest.raises(RuntimeError) as info:  # MONAI wraps it; the project's runners print the InputError's line
+        workflow(bad).run()
+    err = find_input_error(info.value)
+    assert err is not None and 'no "validation" list' in str(err) and str(bad) in str(err)
 
 
 def test_logging_conf_is_model_zoo_style():

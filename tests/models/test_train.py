@@ -9,33 +9,67 @@ import numpy as np
 import pytest
 import torch
 
-from c2f_med.io.manifest import read_datalist
+from c2f_med.io.manifest import read_datalist, write_datalist
 from c2f_med.models.train import (
     OnlineLesionSlices,
     TokenLesionHead,
     TrainConfig,
     _curriculum,
     augment,
+    run_training,
     token_targets,
-    train,
 )
 from c2f_med.models.vit import LesionViT
-from tests.conftest import TINY_NETWORK
+from tests.conftest import TINY_NETWORK, write_tiny_bundle
 
 TINY = {k: v for k, v in TINY_NETWORK.items() if k not in ("_target_", "img_size", "in_channels", "num_classes")}
 
 
-def test_short_training_lowers_the_loss(tiny_datalist, tmp_path):
-    items = read_datalist(tiny_datalist, "testing")
-    cfg = TrainConfig(steps=60, epoch_steps=20, batch_size=16, lr=2e-3, warmup_steps=5, img_size=32, model=TINY)
-    result = train(tmp_path / "bundle", items, cfg, train_items=items, progress=False)
-    rows = list(csv.DictReader(open(tmp_path / "bundle" / "models" / "training_log.csv")))
+@pytest.fixture
+def train_datalist(tiny_datalist, tmp_path):
+    """The tiny cases as both the training and the validation section."""
+    items = [{k: v for k, v in item.items() if k != "case_id"} for item in read_datalist(tiny_datalist, "testing")]
+    path = tmp_path / "train.json"
+    write_datalist(path, training=items, validation=items, name="tiny training")
+    return path
+
+
+def _train(datalist, bundle, epochs: int, epoch_steps: int, **kwargs) -> dict:
+    """The shipped train.json on a tiny bundle (its own inference.json network, 32 px)."""
+    if not (bundle / "configs").exists():
+        write_tiny_bundle(bundle)
+    return run_training(datalist, bundle, epochs=epochs, seed=kwargs.pop("seed", 0), online_lesions=False,
+                        epoch_steps=epoch_steps, **kwargs)
+
+
+def test_short_training_lowers_the_loss(train_datalist, tmp_path):
+    bundle = tmp_path / "bundle"
+    result = _train(train_datalist, bundle, 3, 20, recipe={"batch_size": 16, "lr": 2e-3, "warmup_steps": 5})
+    rows = list(csv.DictReader(open(bundle / "models" / "training_log.csv")))
     assert len(rows) == 3
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
-    state = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     LesionViT(img_size=32, **TINY).load_state_dict(state)  # the best checkpoint is a plain state dict
     assert 0.0 <= result["best"]["val_auroc"] <= 1.0
+    assert result["config"]["batch_size"] == 16 and result["config"]["steps"] == 60
+    assert (bundle / "docs" / "training_curve.png").exists()
     json.dumps(result)  # provenance-ready
+
+
+def test_training_is_declared_in_train_json():
+    """The shipped train.json declares MONAI's SupervisedTrainer, its optimiser, scheduler, loss, data and
+    handlers under the model zoo's ids (train#trainer, validate#evaluator, ...)."""
+    from monai.bundle import ConfigParser
+
+    from c2f_med.models import DEFAULT_BUNDLE
+
+    parser = ConfigParser()
+    parser.read_config(DEFAULT_BUNDLE / "configs" / "train.json")
+    assert parser["train"]["trainer"]["_target_"] == "SupervisedTrainer"
+    assert parser["validate"]["evaluator"]["_target_"] == "SupervisedEvaluator"
+    assert parser["optimizer"]["_target_"] == "torch.optim.AdamW"
+    assert parser["lr_scheduler"]["_target_"] == "torch.optim.lr_scheduler.LambdaLR"
+    assert {"run", "initialize", "finalize", "network_def", "train", "validate", "device"} <= set(parser.config)
 
 
 def test_curriculum_widens_to_the_full_range():
@@ -99,28 +133,24 @@ def test_training_builds_the_bundles_network(tmp_path):
         bundle_network(tmp_path)
 
 
-def test_init_starts_from_the_given_weights(tiny_datalist, tmp_path):
-    items = read_datalist(tiny_datalist, "testing")
+def test_init_starts_from_the_given_weights(train_datalist, tmp_path):
     start = LesionViT(img_size=32, **TINY)
     torch.save(start.state_dict(), tmp_path / "start.pt")
-    cfg = TrainConfig(steps=2, epoch_steps=2, batch_size=8, lr=1e-12, warmup_steps=1, img_size=32, model=TINY,
-                      init=str(tmp_path / "start.pt"), seed=5)
-    train(tmp_path / "bundle", items, cfg, train_items=items, progress=False)
+    _train(train_datalist, tmp_path / "bundle", 1, 2, init=tmp_path / "start.pt", seed=5,
+           recipe={"batch_size": 8, "lr": 1e-12, "warmup_steps": 1})
     tuned = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
     for name, value in start.named_parameters():  # lr ~0: the weights are still the ones it started from
         torch.testing.assert_close(tuned[name], value.detach(), rtol=0, atol=1e-6)  # (BatchNorm's buffers do move)
 
 
-def test_init_that_does_not_fit_is_a_clear_error(tiny_datalist, tmp_path):
+def test_init_that_does_not_fit_is_a_clear_error(train_datalist, tmp_path):
     from c2f_med.errors import InputError
 
-    items = read_datalist(tiny_datalist, "testing")
     other = LesionViT(img_size=32, **{**TINY, "hidden_size": TINY["hidden_size"] * 2, "mlp_dim": 8})
     torch.save(other.state_dict(), tmp_path / "other.pt")
     for path, message in ((tmp_path / "other.pt", "not a state dict"), (tmp_path / "missing.pt", "no such file")):
-        cfg = TrainConfig(steps=1, epoch_steps=1, batch_size=8, img_size=32, model=TINY, init=str(path))
         with pytest.raises(InputError, match=message) as info:
-            train(tmp_path / "bundle", items, cfg, train_items=items, progress=False)
+            _train(train_datalist, tmp_path / "bundle", 1, 1, init=path, recipe={"batch_size": 8})
         assert path.name in str(info.value)
 
 
