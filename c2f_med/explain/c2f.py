@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from c2f_med.explain.af import fine_map, relation_matrix, rows_normalised
-from c2f_med.explain.attention import minmax, targets_for
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
 from c2f_med.explain.masks import nested_token_masks
 from c2f_med.explain.perturb import MaskRequest, causal_probabilities, class_probability
 from c2f_med.explain.s3wm import BND, decide, decide_split, evaluation, normaliser, sharpen, three_way
+from c2f_med.explain.tokens import minmax, targets_for
 from c2f_med.explain.vitcx import (
     MaskScoringParams,
     causal_scores,

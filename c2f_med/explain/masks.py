@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from c2f_med.explain.attention import minmax
+from c2f_med.explain.tokens import minmax
 
 __all__ = ["token_maps", "merge_maps", "upsample_masks", "token_masks", "nested_token_masks", "DEFAULT_DELTA"]
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from monai.visualize import OcclusionSensitivity
 
-from c2f_med.explain.attention import minmax, targets_for
 from c2f_med.explain.base import Explainer, Explanation, register
+from c2f_med.explain.tokens import minmax, targets_for
 
 __all__ = ["Occlusion", "occlusion_windows"]
 

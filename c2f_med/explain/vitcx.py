@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from c2f_med.explain.attention import minmax
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
 from c2f_med.explain.masks import DEFAULT_DELTA, token_masks
 from c2f_med.explain.perturb import MaskRequest, Perturbation, causal_probabilities, class_probability
+from c2f_med.explain.tokens import minmax
 from c2f_med.models.vit import TokenOutputs, TokenViT
 
 __all__ = [
