@@ -9,6 +9,7 @@ public). Step 0: one clean pass. Step 1: ViT-CX masks (:mod:`~c2f_med.explain.ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -110,15 +111,15 @@ class C2F(Explainer):
         beta2: float = 0.4  #: level-2 reject threshold on e'_k
         gamma3: float = 0.5  #: level-3 two-way threshold on (e_k + e'_k) / 2
         k_min: int = 5  #: fewest accepted masks; the fallback adds the best by level-1 e_k
-        evaluation: str = "best"  #: e_k = clip(S_k / Z, 0, 1) with Z = p_c(x) ("pc") or max_j S_j ("best")
+        evaluation: Literal["pc", "best"] = "best"  #: e_k = clip(S_k / Z, 0, 1), Z = p_c(x) or max_j S_j
         sharpen_accepted: bool = False  #: band removal for every accepted mask (M'_k with its level-1 S_k)
-        granularity: str = "split"  #: level 2: "band" (M'_k, band removed) | "split" (finer sub-masks of BND1 masks)
+        granularity: Literal["band", "split"] = "split"  #: level 2: M'_k (band removed) | sub-masks of BND1
         coarse_delta: float = 0.3  #: "split": level-1 masks cut the clustering tree here; sub-masks at `delta`
         af: bool = True  #: Step 3's attention fusion (False: the coarse map is the output)
-        relation: str = "gae"  #: "gae" | "rollout-last" | "rollout-all" (c2f_med.explain.af)
+        relation: Literal["gae", "rollout-last", "rollout-all"] = "gae"  #: c2f_med.explain.af
         l0: int = 1  #: first layer (1-based) of the relation; 1 = all layers
-        refine: str = "gate"  #: "gate" | "propagate" | "mix" (c2f_med.explain.af)
-        importance: str = "cls"  #: patch importance of "gate": "cosine" | "contrast" | "cls" (c2f_med.explain.af)
+        refine: Literal["gate", "propagate", "mix"] = "gate"  #: c2f_med.explain.af
+        importance: Literal["cosine", "contrast", "cls"] = "cls"  #: patch importance of "gate" (explain.af)
         mix_lambda: float = 1.0  #: weight of up(P s) in refine="mix"
 
     def _explain(self, x: torch.Tensor, target: torch.Tensor | int | None) -> Explanation:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from monai.visualize import OcclusionSensitivity
@@ -59,7 +60,7 @@ class Occlusion(Explainer):
         overlap: float = 0.0
         #: occluded value: a float in the model's normalised input space (0.0 = the reconstruction's "zero"
         #: baseline), or MONAI's "gaussian", "mean_patch", "mean_img"
-        mode: float | str = 0.0
+        mode: float | Literal["gaussian", "mean_patch", "mean_img"] = 0.0
         #: occluded copies per forward batch (MONAI's ``n_batch``)
         batch_size: int = 64
 

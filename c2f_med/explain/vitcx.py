@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -31,7 +32,7 @@ class MaskScoringParams:
     """Parameters of Steps 1-2 shared by ViT-CX and C2F (both ``Params`` extend this)."""
 
     delta: float = DEFAULT_DELTA  #: clustering distance threshold (cosine, complete linkage)
-    perturbation: str = "noise"  #: "noise" | "zero" | "blur" | "mean" (see c2f_med.explain.perturb)
+    perturbation: Literal["noise", "zero", "blur", "mean"] = "noise"  #: see c2f_med.explain.perturb
     noise_sigma: float = 0.1  #: std of the Gaussian noise perturbation, normalised input units
     blur_sigma: float = 4.0  #: Gaussian std (input pixels) of the "blur" perturbation
     seed: int = 0  #: noise seed, combined with each slice's content hash
