@@ -4,13 +4,16 @@ finding the explained class, and wrapping token maps as an :class:`~c2f_med.expl
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import torch
 import torch.nn.functional as F
 
 from c2f_med.explain.base import Explanation, resolve_target
 from c2f_med.models.vit import TokenViT
 
-__all__ = ["minmax", "token_saliency", "targets_for", "token_explanation"]
+__all__ = ["minmax", "token_saliency", "targets_for", "token_explanation", "recorded_outputs"]
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -48,3 +51,16 @@ def token_explanation(
     saliency = token_saliency(maps, model.input_size)
     return Explanation(saliency=saliency, target=target, forward_passes=forward, backward_passes=backward,
                        records=[{} for _ in range(saliency.shape[0])])
+
+
+@contextlib.contextmanager
+def recorded_outputs(modules: Sequence[torch.nn.Module]) -> Iterator[list[list[torch.Tensor]]]:
+    """Record the forward outputs of ``modules`` (not detached, so gradients can be taken with
+    respect to them): ``rec[i]`` lists module ``i``'s outputs in call order. Hooks go when the block ends."""
+    rec: list[list[torch.Tensor]] = [[] for _ in modules]
+    handles = [m.register_forward_hook(lambda _m, _i, out, i=i: rec[i].append(out)) for i, m in enumerate(modules)]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
