@@ -81,7 +81,8 @@ def test_legrad_by_hand_on_a_monai_vit():
     vit = model.vit
     for layer in range(2):
         rec = {}
-        hook = model.attention_modules()[layer].register_forward_hook(lambda _m, _i, out: rec.setdefault("a", out))
+        attention = model.attention_modules()[layer]
+        hook = attention.register_forward_hook(lambda _m, _i, out, rec=rec: rec.setdefault("a", out))
         z = vit.patch_embedding(model.stem(x))
         z = torch.cat([vit.cls_token.expand(2, -1, -1), z], 1)
         for blk in vit.blocks[: layer + 1]:
