@@ -159,4 +159,4 @@ def available() -> list[str]:
 
 def _load_builtin() -> None:
     # importing the modules runs their @register decorators
-    from c2f_med.explain import attention, attnlrp, c2f, gradcam, legrad, occlusion, vitcx  # noqa: F401
+    from c2f_med.explain import attention, attnlrp, c2f, gradcam, legrad, occlusion, rise, vitcx  # noqa: F401
