@@ -33,6 +33,7 @@ __all__ = ["C2F", "SPEC_FIRST_DEFAULTS"]
 #: the reconstruction's first defaults, pinned for the "c2f-first" variant while C2F.Params' defaults are searched
 SPEC_FIRST_DEFAULTS = {
     "delta": 0.1,
+    "cut": "fixed",
     "perturbation": "noise",
     "noise_sigma": 0.1,
     "blur_sigma": 4.0,
@@ -138,11 +139,11 @@ class C2F(Explainer):
         # Step 1 (with granularity "split": coarser level-1 masks and their finer sub-masks)
         children = None
         if prm.s3wm and prm.granularity == "split":
-            nested = [nested_token_masks(tok, self.model.grid, self.model.input_size, prm.coarse_delta, prm.delta)
-                      for tok in out.tokens]
+            nested = [nested_token_masks(tok, self.model.grid, self.model.input_size, prm.coarse_delta, prm.delta,
+                                         prm.cut) for tok in out.tokens]
             masks, children = [m for m, _ in nested], [c for _, c in nested]
         else:
-            masks = slice_masks(self.model, out, prm.delta)
+            masks = slice_masks(self.model, out, prm.delta, prm.cut)
         perturbation = perturbation_of(prm)
         baselines = [perturbation.baselines(xs, len(m)) for xs, m in zip(x, masks)]
         # Step 2
