@@ -20,6 +20,10 @@ runtime (Python, torch, the model, the slices; ``baseline_rss_mb``, the RSS at t
 the most the method added on top. Where that is unavailable, ``ru_maxrss``
 (``resource.getrusage``) is used, which also covers loading; ``peak_rss_source`` says which.
 
+``rise`` (RISE with C2F's budget): matching the budget per slice would run c2f inside RISE's timing,
+so the bench gives RISE a fixed ``n_masks``, c2f's mean forward passes per slice measured just
+before (c2f is timed first), unless ``params`` set RISE's own; ``budget_from`` records it.
+
 ``volume``: c2f's process, after its slice timing (and with its own peak-RSS reset), explains the
 whole first case (every non-background axial slice) through
 :func:`~c2f_med.explain.volume.explain_volume`, after a one-slice warm-up; without c2f among the
@@ -207,6 +211,16 @@ def _time_volume(explainer, bundle, spec: Mapping[str, Any]) -> dict[str, Any]:
             "baseline_rss_mb": baseline, "peak_rss_source": source}
 
 
+def _budget(method: str, params: Mapping[str, Mapping[str, Any]], results: Mapping[str, Any]
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``method``'s parameters for the bench and what its budget came from (module docstring: ``rise``)."""
+    own = dict(params.get(method, {}))
+    if method != "rise" or own or VOLUME_METHOD not in results:
+        return own, {}
+    n = max(1, round(results[VOLUME_METHOD]["forward_passes_per_slice"]))
+    return {"n_masks": n}, {"budget_from": f"{VOLUME_METHOD}: {n} forward passes per slice"}
+
+
 def _run_child(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Run :func:`_child` in a fresh interpreter; its result comes back through a JSON file."""
     result = folder / f"result_{spec['method']}.json"
@@ -276,14 +290,16 @@ def run_bench(
         common = {"bundle": str(Path(bundle_dir).resolve()), "device": device, "threads": threads,
                   "slices": str(tmp / "slices.pt")}
         results, volume = {}, None
-        for m in dict.fromkeys([*methods, VOLUME_METHOD]):
+        for m in dict.fromkeys([VOLUME_METHOD, *methods]):  # c2f first: RISE's budget is its forward passes
             tasks = [*(["slices"] if m in methods else []), *(["volume"] if m == VOLUME_METHOD else [])]
             print(f"bench: {m} ({' and '.join(tasks)}) ...", flush=True)
-            measured = _run_child({**common, "tasks": tasks, "method": m, "params": params.get(m, {}),
+            method_params, budget = _budget(m, params, results)
+            measured = _run_child({**common, "tasks": tasks, "method": m, "params": method_params,
                                    "image": str(demo)}, tmp)
             if "slices" in measured:
-                results[m] = measured["slices"]
+                results[m] = {**measured["slices"], **budget}
             volume = measured.get("volume", volume)
+        results = {m: results[m] for m in methods}
 
     ref = results.get(VOLUME_METHOD, {}).get("seconds_per_slice", math.nan)
     for r in results.values():

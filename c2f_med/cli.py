@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time every method on the same slices")
     bundle_args(b)
-    b.add_argument("--methods", default=DEFAULT_METHODS)
+    b.add_argument("--methods", default=DEFAULT_METHODS + ",gradcam-attn,legrad,attnlrp,attnlrp-uniform,rise")
     b.add_argument("--slices", type=int, default=16)
     b.add_argument("--datalist", type=Path, help="take slices from its testing cases (default: synthesise)")
     b.add_argument("--out", required=True, type=Path)

@@ -7,9 +7,15 @@ lesion slices of the validation cases with every variant (the real explainers, t
 :func:`~c2f_med.evaluate.evaluate_case`, without the faithfulness curves), and writes
 
     OUT/search.csv    one row per variant and lesion slice (evaluate's per-slice columns + "variant")
-    OUT/search.json   per variant: method, params, AP, iou_topk, mIoU, relevance mass, costs;
-                      the rule and the variant it selects
-    OUT/search.md     the same as a table
+    OUT/search.json   per variant: method, params, AP, iou_topk, mIoU, relevance mass, costs, on the
+                      TP stratum ("results") and on all lesion slices ("results_all"); the rule and
+                      the variant it selects
+    OUT/search.md     the same as a table (TP stratum)
+
+The scores that decide are those of the TP stratum: the lesion slices the model calls positive
+(lesion probability >= the bundle's operating threshold, 0.5 when the bundle declares none;
+``operating_point`` says which). Where the model misses the lesion every explainer points elsewhere,
+so averaging those slices in says nothing about the explainers.
 
 Selection rule (:func:`select`), fixed before the test split is looked at:
 
@@ -47,7 +53,8 @@ __all__ = ["BASELINES", "VARIANTS", "variant_params", "run_search", "select"]
 logger = logging.getLogger(__name__)
 
 #: the compared methods (no parameter changes)
-BASELINES = ("attention", "rollout", "gae", "gradcam", "gradcam-attn", "vitcx", "vitcx-sq", "occlusion")
+BASELINES = ("attention", "rollout", "gae", "gradcam", "gradcam-attn", "vitcx", "vitcx-sq", "occlusion", "legrad",
+             "attnlrp", "attnlrp-uniform", "rise")
 
 #: C2F variants: name -> overrides of the reconstruction's first defaults (``c2f-first``,
 #: :data:`~c2f_med.explain.c2f.SPEC_FIRST_DEFAULTS`), so a variant means the same whatever ``c2f``'s
@@ -81,6 +88,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "best-costaware-sharpen-all": {"evaluation": "best", "costaware": True, "sharpen_accepted": True},
     "best-costaware-rollout-last": {"evaluation": "best", "costaware": True, "relation": "rollout-last"},
     "best-costaware-split-cls": {"evaluation": "best", "costaware": True, "granularity": "split", "importance": "cls"},
+    # the clustering tree cut in its widest merge gap near the thresholds (stable to tiny input changes)
+    "best-costaware-split-cls-gap": {"evaluation": "best", "costaware": True, "granularity": "split",
+                                     "importance": "cls", "cut": "gap"},
 }
 
 RULE = ("among c2f variants with validation mIoU >= the best baseline's and cost (forward + 2 x backward passes "
@@ -154,16 +164,26 @@ def run_search(
             bar.update(1)
     bar.close()
 
-    results = {name: {"method": method, "params": used[name],
-                      **{k: v for k, v in aggregate([r for r in rows if r["variant"] == name]).items()
-                         if k != "not_applicable"}}
-               for name, method, _ in runs}
+    point = bundle.operating_point
+    tp_rows = [r for r in rows if float(r["probability"]) >= point.threshold]
+
+    def results_of(subset: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {name: {"method": method, "params": used[name],
+                       **{k: v for k, v in aggregate([r for r in subset if r["variant"] == name]).items()
+                          if k != "not_applicable"}}
+                for name, method, _ in runs}
+
+    results = results_of(tp_rows)
     report = {
         "section": section,
         "datalists": [str(d) for d in datalists],
         "cases": len(items),
         "lesion_slices": len({(r["case"], r["slice"]) for r in rows}),
+        "stratum": "tp",
+        "operating_point": {"threshold": point.threshold, "source": point.source},
+        "tp_slices": len({(r["case"], r["slice"]) for r in tp_rows}),
         "results": results,
+        "results_all": results_of(rows),
         "selection": select(results),
         "provenance": provenance(
             bundle,
@@ -201,9 +221,12 @@ def render_search(report: Mapping[str, Any]) -> str:
             f"{(r['ap'] + r['iou_topk']) / 2:.3f} | {r['forward_passes_per_slice']:.1f} | "
             f"{r['backward_passes_per_slice']:.1f} | {_fmt(r['seconds_per_slice'])} |"
         )
+    point = report["operating_point"]
     return (
         f"# C2F design search: {report['section']} split, {report['cases']} cases, "
         f"{report['lesion_slices']} lesion slices\n\n"
+        f"Scores on the TP stratum: the {report['tp_slices']} lesion slices the model calls positive "
+        f"(p >= {point['threshold']:g}, threshold from the {point['source']}).\n\n"
         + head
         + "\n".join(lines)
         + f"\n\nRule: {sel['rule']}.\n\nBest baseline mIoU {sel['best_baseline_miou']:.3f}; vitcx cost "

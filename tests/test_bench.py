@@ -35,16 +35,27 @@ def test_bench_slices_are_spread_over_the_lesion_slices(tiny_bundle, tiny_datali
 
 
 def test_bench_writes_the_contract(tiny_bundle, tiny_datalist, tmp_path, capsys):
-    report = run_bench(tiny_bundle, ["c2f", "rollout"], 3, tmp_path, datalist=tiny_datalist)
+    methods = ["rollout", "legrad", "attnlrp", "rise", "c2f"]
+    report = run_bench(tiny_bundle, methods, 3, tmp_path, datalist=tiny_datalist)
     b = json.loads((tmp_path / "bench.json").read_text())
     assert b == json.loads(json.dumps(report))
-    for m in ("c2f", "rollout"):
+    assert list(b["methods"]) == methods
+    for m in methods:
         assert all(k in b["methods"][m] for k in BENCH_KEYS), m
         r = b["methods"][m]
         assert r["seconds_per_slice"] > 0 and r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
     assert b["methods"]["rollout"]["forward_passes_per_slice"] == 1
     assert b["methods"]["rollout"]["backward_passes_per_slice"] == 0
     assert b["methods"]["c2f"]["forward_passes_per_slice"] > 1 and b["methods"]["c2f"]["ratio_to_c2f"] == 1
+    lrp = b["methods"]["attnlrp"]
+    assert lrp["forward_passes_per_slice"] == lrp["backward_passes_per_slice"] == 1
+    layers = load_bundle(tiny_bundle).model.num_layers
+    assert b["methods"]["legrad"]["forward_passes_per_slice"] == 1
+    assert b["methods"]["legrad"]["backward_passes_per_slice"] == layers  # one partial backward per layer
+    # RISE at c2f's budget: c2f's mean forward passes per slice, its own time
+    n = round(b["methods"]["c2f"]["forward_passes_per_slice"])
+    assert b["methods"]["rise"]["forward_passes_per_slice"] == n
+    assert b["methods"]["rise"]["budget_from"] == f"c2f: {n} forward passes per slice"
     shape = TINY_CASES["tiny_a"][0]
     assert b["volume"]["method"] == "c2f" and b["volume"]["seconds"] > 0
     assert b["volume"]["slices"] == shape[2] - 2 and b["volume"]["slices_in_volume"] == shape[2]

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from c2f_med.explain.attention import minmax
 from c2f_med.explain.relevance import additive_relation, fuse_heads_gradient, fuse_heads_mean, rollout
+from c2f_med.explain.tokens import minmax
 
 __all__ = [
     "RELATIONS",

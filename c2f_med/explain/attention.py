@@ -3,9 +3,8 @@
 All three read the attention probabilities ``A^l`` (``B x H_a x T x T``, ``T = N + 1``, CLS first)
 of one forward pass through :meth:`TokenViT.run`, relate tokens with the algebra of
 :mod:`c2f_med.explain.relevance`, take the CLS row's patch entries (``B x h x w``) and bring them to
-the input grid with :func:`token_saliency` (bilinear upsampling, per-slice min-max).
-
-:func:`minmax` and :func:`token_saliency` are shared by every token-level baseline.
+the input grid with :func:`~c2f_med.explain.tokens.token_saliency` (bilinear upsampling, per-slice
+min-max).
 """
 
 from __future__ import annotations
@@ -13,51 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
 from c2f_med.explain.relevance import additive_relation, cls_row, fuse_heads_gradient, fuse_heads_mean, rollout
-from c2f_med.models.vit import TokenViT
+from c2f_med.explain.tokens import targets_for, token_explanation
 
-__all__ = ["minmax", "token_saliency", "targets_for", "token_explanation", "RawAttention", "AttentionRollout",
-           "GenericAttention"]
-
-
-def minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Per-slice min-max normalisation of ``B x ...`` maps to [0, 1]; a constant map becomes zeros."""
-    flat = maps.reshape(maps.shape[0], -1)
-    lo = flat.amin(1, keepdim=True)
-    span = flat.amax(1, keepdim=True) - lo
-    out = torch.where(span > 0, (flat - lo) / span.clamp(min=torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
-    return out.reshape(maps.shape)
-
-
-def token_saliency(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Token-grid maps ``B x h x w`` -> saliency ``B x H x W`` (bilinear, ``align_corners=False``; min-max)."""
-    up = F.interpolate(maps.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    return minmax(up)
-
-
-def targets_for(model: TokenViT, x: torch.Tensor, target: torch.Tensor | int | None) -> tuple[torch.Tensor, int]:
-    """``B`` target classes for ``x`` and the forward passes spent finding them.
-
-    A given ``target`` costs nothing; ``None`` (the predicted class) costs one forward pass per
-    slice, because gradient methods need the class before their own pass.
-    """
-    if target is not None:
-        return resolve_target(torch.empty(x.shape[0], model.num_classes, device=x.device), target), 0
-    with torch.inference_mode():
-        logits = model(x)
-    return resolve_target(logits, None), x.shape[0]
-
-
-def token_explanation(
-    maps: torch.Tensor, model: TokenViT, target: torch.Tensor, forward: int, backward: int
-) -> Explanation:
-    """The :class:`Explanation` of token-grid maps ``B x h x w`` (no per-slice records)."""
-    saliency = token_saliency(maps, model.input_size)
-    return Explanation(saliency=saliency, target=target, forward_passes=forward, backward_passes=backward,
-                       records=[{} for _ in range(saliency.shape[0])])
+__all__ = ["RawAttention", "AttentionRollout", "GenericAttention"]
 
 
 @register("attention")

@@ -9,15 +9,17 @@ the model counts one, however the images are batched) and backward passes, plus 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from c2f_med.models.vit import TokenViT
 
-__all__ = ["Explanation", "Explainer", "register", "create", "available", "resolve_target"]
+__all__ = ["Explanation", "Explainer", "register", "create", "available", "resolve_target", "check_choices"]
 
 
 @dataclass
@@ -43,7 +45,9 @@ class Explanation:
 
 class Explainer:
     """Base class. Subclasses implement :meth:`_explain` and declare their parameters as a dataclass
-    ``Params`` whose fields (with defaults and docs) are the method's named constants.
+    ``Params`` whose fields (with defaults and docs) are the method's named constants. A field typed
+    ``Literal[...]`` (alone or in a union) only takes those strings: anything else is refused at
+    construction, naming the valid values.
     """
 
     name: str = ""
@@ -57,8 +61,9 @@ class Explainer:
         names = {f.name for f in dataclasses.fields(self.Params)}
         unknown = set(params) - names
         if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+            raise ValueError(f"unknown parameter(s) {sorted(unknown)}; known: {sorted(names)}")
         self.params = self.Params(**params)
+        check_choices(self.params)
 
     def param_dict(self) -> dict[str, Any]:
         """The parameters in use, for provenance."""
@@ -73,6 +78,34 @@ class Explainer:
 
     def _explain(self, x: torch.Tensor, target: torch.Tensor | int | None) -> Explanation:
         raise NotImplementedError
+
+
+def _choices(hint: Any) -> tuple[Any, ...]:
+    """The values of the ``Literal`` types in ``hint`` (itself, or members of a union)."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(v for member in typing.get_args(hint) for v in _choices(member))
+    return ()
+
+
+def check_choices(params: Any) -> None:
+    """Refuse a string option of the dataclass ``params`` that its ``Literal`` type does not list.
+
+    A field typed only ``Literal[...]`` must hold one of its values; a union such as
+    ``float | Literal["a", "b"]`` restricts only string values.
+
+    Raises:
+        ValueError: one line, ``name='value' is not one of 'a', 'b'``.
+    """
+    hints = typing.get_type_hints(type(params))
+    for f in dataclasses.fields(params):
+        choices = _choices(hints[f.name])
+        value = getattr(params, f.name)
+        only_literal = typing.get_origin(hints[f.name]) is Literal
+        if choices and (only_literal or isinstance(value, str)) and value not in choices:
+            valid = ", ".join(repr(c) for c in choices)
+            raise ValueError(f"{f.name}={value!r} is not one of {valid}")
 
 
 def resolve_target(logits: torch.Tensor, target: torch.Tensor | int | None) -> torch.Tensor:
@@ -110,7 +143,10 @@ def create(name: str, model: TokenViT, **overrides: Any) -> Explainer:
     if name not in _REGISTRY:
         raise ValueError(f"unknown explainer {name!r}; available: {', '.join(available())}")
     cls, fixed = _REGISTRY[name]
-    explainer = cls(model, **{**fixed, **overrides})
+    try:
+        explainer = cls(model, **{**fixed, **overrides})
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from None
     explainer.name = name
     return explainer
 
@@ -123,4 +159,4 @@ def available() -> list[str]:
 
 def _load_builtin() -> None:
     # importing the modules runs their @register decorators
-    from c2f_med.explain import attention, c2f, gradcam, occlusion, vitcx  # noqa: F401
+    from c2f_med.explain import attention, attnlrp, c2f, gradcam, legrad, occlusion, rise, vitcx  # noqa: F401

@@ -9,15 +9,16 @@ public). Step 0: one clean pass. Step 1: ViT-CX masks (:mod:`~c2f_med.explain.ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from c2f_med.explain.af import fine_map, relation_matrix, rows_normalised
-from c2f_med.explain.attention import minmax, targets_for
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
 from c2f_med.explain.masks import nested_token_masks
 from c2f_med.explain.perturb import MaskRequest, causal_probabilities, class_probability
 from c2f_med.explain.s3wm import BND, decide, decide_split, evaluation, normaliser, sharpen, three_way
+from c2f_med.explain.tokens import minmax, targets_for
 from c2f_med.explain.vitcx import (
     MaskScoringParams,
     causal_scores,
@@ -32,6 +33,7 @@ __all__ = ["C2F", "SPEC_FIRST_DEFAULTS"]
 #: the reconstruction's first defaults, pinned for the "c2f-first" variant while C2F.Params' defaults are searched
 SPEC_FIRST_DEFAULTS = {
     "delta": 0.1,
+    "cut": "fixed",
     "perturbation": "noise",
     "noise_sigma": 0.1,
     "blur_sigma": 4.0,
@@ -110,15 +112,15 @@ class C2F(Explainer):
         beta2: float = 0.4  #: level-2 reject threshold on e'_k
         gamma3: float = 0.5  #: level-3 two-way threshold on (e_k + e'_k) / 2
         k_min: int = 5  #: fewest accepted masks; the fallback adds the best by level-1 e_k
-        evaluation: str = "best"  #: e_k = clip(S_k / Z, 0, 1) with Z = p_c(x) ("pc") or max_j S_j ("best")
+        evaluation: Literal["pc", "best"] = "best"  #: e_k = clip(S_k / Z, 0, 1), Z = p_c(x) or max_j S_j
         sharpen_accepted: bool = False  #: band removal for every accepted mask (M'_k with its level-1 S_k)
-        granularity: str = "split"  #: level 2: "band" (M'_k, band removed) | "split" (finer sub-masks of BND1 masks)
+        granularity: Literal["band", "split"] = "split"  #: level 2: M'_k (band removed) | sub-masks of BND1
         coarse_delta: float = 0.3  #: "split": level-1 masks cut the clustering tree here; sub-masks at `delta`
         af: bool = True  #: Step 3's attention fusion (False: the coarse map is the output)
-        relation: str = "gae"  #: "gae" | "rollout-last" | "rollout-all" (c2f_med.explain.af)
+        relation: Literal["gae", "rollout-last", "rollout-all"] = "gae"  #: c2f_med.explain.af
         l0: int = 1  #: first layer (1-based) of the relation; 1 = all layers
-        refine: str = "gate"  #: "gate" | "propagate" | "mix" (c2f_med.explain.af)
-        importance: str = "cls"  #: patch importance of "gate": "cosine" | "contrast" | "cls" (c2f_med.explain.af)
+        refine: Literal["gate", "propagate", "mix"] = "gate"  #: c2f_med.explain.af
+        importance: Literal["cosine", "contrast", "cls"] = "cls"  #: patch importance of "gate" (explain.af)
         mix_lambda: float = 1.0  #: weight of up(P s) in refine="mix"
 
     def _explain(self, x: torch.Tensor, target: torch.Tensor | int | None) -> Explanation:
@@ -137,11 +139,11 @@ class C2F(Explainer):
         # Step 1 (with granularity "split": coarser level-1 masks and their finer sub-masks)
         children = None
         if prm.s3wm and prm.granularity == "split":
-            nested = [nested_token_masks(tok, self.model.grid, self.model.input_size, prm.coarse_delta, prm.delta)
-                      for tok in out.tokens]
+            nested = [nested_token_masks(tok, self.model.grid, self.model.input_size, prm.coarse_delta, prm.delta,
+                                         prm.cut) for tok in out.tokens]
             masks, children = [m for m, _ in nested], [c for _, c in nested]
         else:
-            masks = slice_masks(self.model, out, prm.delta)
+            masks = slice_masks(self.model, out, prm.delta, prm.cut)
         perturbation = perturbation_of(prm)
         baselines = [perturbation.baselines(xs, len(m)) for xs, m in zip(x, masks)]
         # Step 2

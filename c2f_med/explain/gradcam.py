@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from c2f_med.explain.attention import targets_for, token_explanation
 from c2f_med.explain.base import Explainer, Explanation, register
+from c2f_med.explain.tokens import targets_for, token_explanation
 
 __all__ = ["GradCAM", "AttentionGradCAM"]
 

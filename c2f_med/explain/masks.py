@@ -23,12 +23,17 @@ import torch
 import torch.nn.functional as F
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from c2f_med.explain.attention import minmax
+from c2f_med.explain.tokens import minmax
 
-__all__ = ["token_maps", "merge_maps", "upsample_masks", "token_masks", "nested_token_masks", "DEFAULT_DELTA"]
+__all__ = ["token_maps", "merge_maps", "upsample_masks", "token_masks", "nested_token_masks", "stable_cut",
+           "DEFAULT_DELTA", "CUTS"]
 
 #: distance threshold of the agglomerative clustering (cosine distance, complete linkage), as ViT-CX
 DEFAULT_DELTA = 0.1
+#: where the tree is cut: at the threshold ("fixed") or in the widest merge gap near it ("gap", stable_cut)
+CUTS = ("fixed", "gap")
+#: the window of stable_cut: [delta / CUT_SPREAD, delta * CUT_SPREAD]
+CUT_SPREAD = 1.5
 
 
 def token_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -37,12 +42,33 @@ def token_maps(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return minmax(maps)
 
 
-def _cluster_labels(kept: torch.Tensor, deltas: tuple[float, ...]) -> list[np.ndarray]:
+def stable_cut(heights: np.ndarray, delta: float, spread: float = CUT_SPREAD) -> float:
+    """The cut of a dendrogram near ``delta`` that tiny input changes do not move across a merge.
+
+    ``heights``: the tree's merge heights. In the window ``[delta / spread, delta * spread]`` the cut
+    is the middle of the widest gap between consecutive merge heights (the window's ends count as
+    heights), so the nearest merge is as far as it can be; without a merge in the window, ``delta``.
+    """
+    lo, hi = delta / spread, delta * spread
+    inside = np.sort(heights[(heights > lo) & (heights < hi)])
+    if inside.size == 0:
+        return delta
+    edges = np.concatenate([[lo], inside, [hi]])
+    k = int(np.argmax(np.diff(edges)))
+    return float((edges[k] + edges[k + 1]) / 2)
+
+
+def _cluster_labels(kept: torch.Tensor, deltas: tuple[float, ...], cut: str = "fixed") -> list[np.ndarray]:
     """``fcluster`` labels of ``D' x N`` maps (cosine distance, complete linkage) at each threshold of
-    ``deltas``; one tree, so clusters at a smaller threshold nest inside those at a larger one."""
+    ``deltas`` (``cut="gap"``: moved to :func:`stable_cut`); one tree, so clusters at a smaller
+    threshold nest inside those at a larger one."""
+    if cut not in CUTS:
+        raise ValueError(f"unknown cut {cut!r}; choose from {CUTS}")
     if kept.shape[0] == 1:
         return [np.ones(1, dtype=int) for _ in deltas]
     tree = linkage(kept.detach().cpu().double().numpy(), method="complete", metric="cosine")
+    if cut == "gap":
+        deltas = tuple(stable_cut(tree[:, 2], d) for d in deltas)
     return [fcluster(tree, t=d, criterion="distance") for d in deltas]
 
 
@@ -53,7 +79,7 @@ def _merge(kept: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
     return merged[merged.amax(1) > 0]
 
 
-def merge_maps(maps: torch.Tensor, delta: float = DEFAULT_DELTA) -> torch.Tensor:
+def merge_maps(maps: torch.Tensor, delta: float = DEFAULT_DELTA, cut: str = "fixed") -> torch.Tensor:
     """Merge redundant maps ``D x h x w`` -> ``K x h x w`` masks in [0, 1] (``K <= D``).
 
     All-zero maps are dropped; the rest are clustered (scipy ``linkage``, cosine distance, complete
@@ -64,7 +90,7 @@ def merge_maps(maps: torch.Tensor, delta: float = DEFAULT_DELTA) -> torch.Tensor
     kept = flat[flat.amax(1) > 0]  # D' x N, constant maps removed
     if kept.shape[0] == 0:
         return maps.new_zeros((0, *maps.shape[1:]))
-    (labels,) = _cluster_labels(kept, (delta,))
+    (labels,) = _cluster_labels(kept, (delta,), cut)
     merged = _merge(kept, labels)
     return merged.reshape(merged.shape[0], *maps.shape[1:])
 
@@ -82,6 +108,7 @@ def nested_token_masks(
     size: tuple[int, int],
     coarse_delta: float,
     fine_delta: float = DEFAULT_DELTA,
+    cut: str = "fixed",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Masks at two granularities of one clustering tree, for S3WM's ``granularity="split"``.
 
@@ -99,7 +126,7 @@ def nested_token_masks(
     kept = flat[flat.amax(1) > 0]
     if kept.shape[0] == 0:
         return maps.new_zeros((0, *size)), []
-    coarse_labels, fine_labels = _cluster_labels(kept, (coarse_delta, fine_delta))
+    coarse_labels, fine_labels = _cluster_labels(kept, (coarse_delta, fine_delta), cut)
     coarse, children = [], []
     for c in np.unique(coarse_labels):
         inside = coarse_labels == c
@@ -113,8 +140,9 @@ def nested_token_masks(
 
 
 def token_masks(
-    tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], delta: float = DEFAULT_DELTA
+    tokens: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], delta: float = DEFAULT_DELTA,
+    cut: str = "fixed",
 ) -> torch.Tensor:
     """Step 1 for one slice: tokens ``N x D`` -> masks ``K x H x W`` in [0, 1]; ``K`` = ``len(result)``."""
     tokens = tokens.to(torch.promote_types(tokens.dtype, torch.float32))
-    return upsample_masks(merge_maps(token_maps(tokens, grid), delta), size)
+    return upsample_masks(merge_maps(token_maps(tokens, grid), delta, cut), size)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from monai.visualize import OcclusionSensitivity
 
-from c2f_med.explain.attention import minmax, targets_for
 from c2f_med.explain.base import Explainer, Explanation, register
+from c2f_med.explain.tokens import minmax, targets_for
 
 __all__ = ["Occlusion", "occlusion_windows"]
 
@@ -59,7 +60,7 @@ class Occlusion(Explainer):
         overlap: float = 0.0
         #: occluded value: a float in the model's normalised input space (0.0 = the reconstruction's "zero"
         #: baseline), or MONAI's "gaussian", "mean_patch", "mean_img"
-        mode: float | str = 0.0
+        mode: float | Literal["gaussian", "mean_patch", "mean_img"] = 0.0
         #: occluded copies per forward batch (MONAI's ``n_batch``)
         batch_size: int = 64
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from c2f_med.explain.attention import minmax
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
 from c2f_med.explain.masks import DEFAULT_DELTA, token_masks
 from c2f_med.explain.perturb import MaskRequest, Perturbation, causal_probabilities, class_probability
+from c2f_med.explain.tokens import minmax
 from c2f_med.models.vit import TokenOutputs, TokenViT
 
 __all__ = [
@@ -31,10 +32,11 @@ class MaskScoringParams:
     """Parameters of Steps 1-2 shared by ViT-CX and C2F (both ``Params`` extend this)."""
 
     delta: float = DEFAULT_DELTA  #: clustering distance threshold (cosine, complete linkage)
-    perturbation: str = "noise"  #: "noise" | "zero" | "blur" | "mean" (see c2f_med.explain.perturb)
+    cut: Literal["fixed", "gap"] = "fixed"  #: cut the tree at delta, or in the widest merge gap near it
+    perturbation: Literal["noise", "zero", "blur", "mean"] = "noise"  #: see c2f_med.explain.perturb
     noise_sigma: float = 0.1  #: std of the Gaussian noise perturbation, normalised input units
     blur_sigma: float = 4.0  #: Gaussian std (input pixels) of the "blur" perturbation
-    seed: int = 0  #: noise seed, combined with each slice's content hash
+    seed: int = 0  #: noise seed (the same draws for every slice, whatever its content)
     batch_size: int = 64  #: perturbed images per forward pass (batched across masks and slices)
 
 
@@ -43,9 +45,9 @@ def perturbation_of(params: MaskScoringParams) -> Perturbation:
     return Perturbation(params.perturbation, params.noise_sigma, params.blur_sigma, params.seed)
 
 
-def slice_masks(model: TokenViT, out: TokenOutputs, delta: float) -> list[torch.Tensor]:
+def slice_masks(model: TokenViT, out: TokenOutputs, delta: float, cut: str = "fixed") -> list[torch.Tensor]:
     """Step 1 for every slice of a clean pass: ``B`` tensors ``K_b x H x W``."""
-    return [token_masks(tokens, model.grid, model.input_size, delta) for tokens in out.tokens]
+    return [token_masks(tokens, model.grid, model.input_size, delta, cut) for tokens in out.tokens]
 
 
 def mask_requests(masks: Sequence[torch.Tensor], baselines: Sequence[torch.Tensor]) -> list[MaskRequest]:
@@ -109,7 +111,7 @@ class ViTCX(Explainer):
             out = self.model.run(x, tokens=True)
         t = resolve_target(out.logits, target)
         p_clean = class_probability(out.logits, t)
-        masks = slice_masks(self.model, out, prm.delta)
+        masks = slice_masks(self.model, out, prm.delta, prm.cut)
         perturbation = perturbation_of(prm)
         baselines = [perturbation.baselines(xb, len(m)) for xb, m in zip(x, masks)]
         scores = causal_scores(self.model, x, t, p_clean, mask_requests(masks, baselines), prm.batch_size)

@@ -29,8 +29,8 @@ import torch
 from monai.data import MetaTensor
 from tqdm.auto import tqdm
 
-from c2f_med.explain.attention import minmax
 from c2f_med.explain.base import Explainer
+from c2f_med.explain.tokens import minmax
 from c2f_med.slices import from_model_grid, normalise_input, to_model_grid, volume_slices
 
 __all__ = ["SlicePrediction", "VolumeExplanation", "explain_volume"]

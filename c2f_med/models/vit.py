@@ -80,6 +80,15 @@ class TokenViT(nn.Module):
         """The LayerNorm whose output is the last block's attention input (``blocks[-1].norm1``)."""
         raise NotImplementedError
 
+    def blocks(self) -> Sequence[nn.Module]:
+        """The transformer blocks, first first; each maps the token sequence ``B x T x D`` (CLS first) on."""
+        raise NotImplementedError
+
+    def readout(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Class logits ``B x C`` of a token sequence ``B x T x D`` through the final norm and the head
+        (the CLS token's); on the last block's output this is :meth:`forward`'s result."""
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def _recording(self, attentions: bool, tokens: bool) -> Iterator[dict]:
         rec: dict = {"attentions": []}
@@ -190,6 +199,12 @@ class MonaiViTAdapter(TokenViT):
     def last_norm(self) -> nn.Module:
         return self.vit.blocks[-1].norm1
 
+    def blocks(self) -> Sequence[nn.Module]:
+        return list(self.vit.blocks)
+
+    def readout(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.vit.classification_head(self.vit.norm(tokens[:, 0]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit(self.stem(x))[0]
 
@@ -266,6 +281,12 @@ class TimmViTAdapter(TokenViT):
 
     def last_norm(self) -> nn.Module:
         return self.model.blocks[-1].norm1
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return list(self.model.blocks)
+
+    def readout(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.norm(tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

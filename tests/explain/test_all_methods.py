@@ -18,7 +18,10 @@ from c2f_med.models.vit import TimmViTAdapter, TokenViT
 
 #: the methods the project must provide (spec "Baselines" + C2F and its ablations)
 EXPECTED = ["attention", "rollout", "gae", "gradcam", "gradcam-attn", "occlusion", "vitcx", "vitcx-sq",
-            "c2f", "c2f-noS3WM", "c2f-noAF", "c2f-first"]
+            "c2f", "c2f-noS3WM", "c2f-noAF", "c2f-first", "legrad", "attnlrp", "attnlrp-uniform", "rise"]
+#: where the toy needs other parameters: RISE at C2F's budget (a handful of passes here) is noise, which is
+#: what the budget-matched control is for (tests/explain/test_rise.py); with enough masks it finds the spot
+PARAMS = {"rise": {"n_masks": 400}}
 SPOT = (1, 2)  # token (row, column) the toy reads
 GRID, PATCH, SIZE, WIDTH = 4, 8, 32, 8
 
@@ -77,7 +80,7 @@ def model() -> TokenViT:
 def _explainer(name: str, model: TokenViT):
     if name not in _registered():
         pytest.skip(f"{name} is not registered yet")
-    return create(name, model)
+    return create(name, model, **PARAMS.get(name, {}))
 
 
 def test_toy_reads_the_spot(model):

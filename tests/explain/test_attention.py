@@ -8,8 +8,9 @@ import torch
 from skimage.transform import resize
 from timm.models.vision_transformer import VisionTransformer
 
-from c2f_med.explain.attention import AttentionRollout, GenericAttention, RawAttention, minmax, token_saliency
+from c2f_med.explain.attention import AttentionRollout, GenericAttention, RawAttention
 from c2f_med.explain.gradcam import AttentionGradCAM, GradCAM
+from c2f_med.explain.tokens import minmax, token_saliency
 from c2f_med.models.vit import TimmViTAdapter, TokenOutputs, TokenViT
 
 B, HEADS, GRID, D, LAYERS = 2, 3, (2, 3), 4, 2

@@ -155,9 +155,9 @@ def test_first_defaults_are_pinned(model):
 
 
 def test_sharpen_accepted_removes_the_band_of_every_accepted_mask(model, slices):
-    from c2f_med.explain.attention import minmax
     from c2f_med.explain.perturb import class_probability
     from c2f_med.explain.s3wm import sharpen
+    from c2f_med.explain.tokens import minmax
     from c2f_med.explain.vitcx import causal_scores, coverage_map, mask_requests, perturbation_of, slice_masks
 
     e = create("c2f-first", model, af=False, alpha1=0.0, beta1=-1.0, sharpen_accepted=True)  # every mask POS1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -109,3 +110,31 @@ def test_nested_masks_split_coarse_clusters_into_the_finer_ones():
     assert max(float(d) for d in matched) < 1e-5
     with pytest.raises(ValueError, match="fine_delta"):
         nested_token_masks(tokens, (4, 4), (8, 8), coarse_delta=0.1, fine_delta=0.3)
+
+
+def test_stable_cut_sits_in_the_widest_gap_near_the_threshold():
+    from c2f_med.explain.masks import stable_cut
+
+    heights = np.array([0.05, 0.21, 0.29, 0.31, 0.44, 0.9])
+    # window [0.2, 0.45]: edges 0.2 .21 .29 .31 .44 .45 -> widest gap 0.31..0.44
+    assert stable_cut(heights, 0.3) == pytest.approx(0.375)
+    assert stable_cut(np.array([0.05, 0.9]), 0.3) == 0.3  # no merge near the threshold: unchanged
+    # the fixed cut at 0.3 flips when a merge at 0.299 moves to 0.301; the gap cut does not
+    for h in (0.299, 0.301):
+        assert stable_cut(np.array([0.1, h, 0.6]), 0.3) == pytest.approx((h + 0.45) / 2)
+
+
+def test_gap_cut_keeps_the_masks_under_a_tiny_change():
+    from c2f_med.explain.masks import CUTS
+    from c2f_med.explain.tokens import minmax
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(4, 6, 6, generator=g)
+    maps = torch.cat([base + 0.05 * torch.rand(4, 6, 6, generator=g) for _ in range(6)])  # 4 groups of 6
+    maps = minmax(maps)
+    nudged = maps + 1e-6 * torch.rand(maps.shape, generator=g)
+    a, b = merge_maps(maps, 0.1, "gap"), merge_maps(nudged, 0.1, "gap")
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
+    assert CUTS == ("fixed", "gap")
+    with pytest.raises(ValueError, match="cut"):
+        merge_maps(maps, 0.1, "middle")

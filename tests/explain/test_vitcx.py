@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from c2f_med.explain.attention import minmax
 from c2f_med.explain.base import create
 from c2f_med.explain.masks import token_masks
 from c2f_med.explain.perturb import Perturbation, class_probability
+from c2f_med.explain.tokens import minmax
 from c2f_med.explain.vitcx import coverage_map
 from c2f_med.models.vit import LesionViT
 

@@ -14,7 +14,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImage, L
 from timm.models.vision_transformer import VisionTransformer
 
 from c2f_med.explain import Explainer, Explanation, create, explain_volume
-from c2f_med.explain.attention import minmax
+from c2f_med.explain.tokens import minmax
 from c2f_med.models.vit import TimmViTAdapter, TokenViT
 from c2f_med.slices import from_model_grid, normalise_input, to_model_grid, volume_slices
 
