@@ -71,14 +71,14 @@ from c2f_med.explain import create
 from c2f_med.export.overlays import CONTOUR_COLOUR, display_slice, heat_colormap
 from c2f_med.io.manifest import read_datalist
 from c2f_med.metrics.faithfulness import auc
-from c2f_med.metrics.localisation import FP_KEYS
 from c2f_med.models.bundle import Bundle, load_bundle
 from c2f_med.provenance import provenance
 from c2f_med.summary import (
-    COST_KEYS,
-    IOU_COUNT_KEYS,
+    FALSE_ALARM_HEAD,
+    PER_SLICE_HEAD,
     REFERENCE_METHOD,
     SCORE_KEYS,
+    STABILITY_HEAD,
     aggregate,
     classifier_scores,
     summarise,
@@ -266,10 +266,6 @@ def _run_cases(bundle: Bundle, bundle_dir: str | os.PathLike, device: str, items
 
 # ---------------------------------------------------------------------------------------------- outputs
 
-PER_SLICE_HEAD = ("case", "slice", "method", "probability", "positive", "stratum", "lesions", *SCORE_KEYS, *COST_KEYS,
-                  *IOU_COUNT_KEYS)
-FALSE_ALARM_HEAD = ("case", "slice", "method", "probability", "positive", "stratum", *FP_KEYS, *COST_KEYS)
-STABILITY_HEAD = ("case", "slice", "method", "int16", "noise")
 CASE_KEYS = ("slices", *SCORE_KEYS, "miou", "seconds_per_slice", "forward_passes_per_slice",
              "backward_passes_per_slice")
 CASE_CLASSIFIER_KEYS = ("case_slices", "case_lesion_slices", "case_slice_auroc", "case_slice_accuracy")

@@ -58,6 +58,9 @@ __all__ = [
     "SCORE_KEYS",
     "IOU_COUNT_KEYS",
     "COST_KEYS",
+    "FALSE_ALARM_HEAD",
+    "PER_SLICE_HEAD",
+    "STABILITY_HEAD",
     "FP_KEYS",
     "STRATA",
     "LOWER_IS_BETTER",
@@ -81,6 +84,12 @@ SCORE_KEYS = ("pointing_game", "pointing_game_tol", "relevance_mass", "iou", "di
 IOU_COUNT_KEYS = ("bg_intersection", "bg_union", "lesion_intersection", "lesion_union")
 #: per-slice cost of the explainer
 COST_KEYS = ("seconds", "forward_passes", "backward_passes")
+#: the first columns of per_slice.csv (lesion rows), false_alarms.csv and stability.csv; the explainer's
+#: record fields follow
+PER_SLICE_HEAD = ("case", "slice", "method", "probability", "positive", "stratum", "lesions", *SCORE_KEYS, *COST_KEYS,
+                  *IOU_COUNT_KEYS)
+FALSE_ALARM_HEAD = ("case", "slice", "method", "probability", "positive", "stratum", *FP_KEYS, *COST_KEYS)
+STABILITY_HEAD = ("case", "slice", "method", "int16", "noise")
 #: summary columns where a smaller value is better (all other scores: larger is better)
 LOWER_IS_BETTER = frozenset({"deletion_auc", "seconds_per_slice", "forward_passes_per_slice",
                              "backward_passes_per_slice"})
