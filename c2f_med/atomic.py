@@ -101,3 +101,37 @@ def _nan_to_none(obj):
     if isinstance(obj, (list, tuple)):
         return [_nan_to_none(v) for v in obj]
     return obj
+
+
+def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """Refuse an output folder before any work: one that is, or lies inside, one of ``inputs`` (files
+    or folders; None is skipped), or one that cannot be written. Nothing is created: writability is
+    proven by creating and removing a probe file in ``out`` or its nearest existing parent
+    (permission bits alone do not tell: root ignores them, a read-only mount does not).
+
+    Returns:
+        ``out`` resolved.
+
+    Raises:
+        InputError: naming ``out`` and the reason.
+    """
+    from c2f_med.errors import InputError
+
+    given, out = Path(out), Path(out).resolve()
+    for path in inputs:
+        if path is None:
+            continue
+        src = Path(path).resolve()
+        if out == src or src in out.parents:
+            raise InputError(given, f"output folder lies inside the input {src}; choose another --out")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a folder")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise InputError(given, f"output folder cannot be written ({err.strerror or err})") from err
+    return out

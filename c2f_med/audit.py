@@ -2,14 +2,14 @@
 
 Per case (:func:`audit_case`):
 
-1. :func:`c2f_med.case.explain_case` writes ``OUT/cases/<case>/`` atomically: saliency, overlay,
-   predictions, scores and ``provenance.json`` (explainer parameters, per-slice records such as
-   C2F's K and POS / NEG / BND counts, input hashes, versions, timings);
-2. with a lesion mask, :func:`c2f_med.evaluate.evaluate_case` scores the lesion slices exactly as
-   ``c2f-med evaluate`` does: localisation, {background, lesion} IoU counts, deletion / insertion
-   AUC on the model's input grid, cost per slice. It explains the lesion slices a second time
-   (``explain_case`` keeps no model-grid maps), so a case costs ``1 + lesion fraction``
-   explanations of the scan plus ``2 x 21`` forward passes per lesion slice;
+1. :func:`c2f_med.case.explain_case` explains every slice once and writes ``OUT/cases/<case>/``
+   atomically: saliency, overlay, predictions, scores and ``provenance.json`` (explainer parameters,
+   per-slice records such as C2F's K and POS / NEG / BND counts, input hashes, versions, timings);
+2. with a lesion mask, the same call (:func:`c2f_med.case.explain_and_score`) scores the slices exactly
+   as ``c2f-med evaluate`` does, from the same maps: lesion slices by the model's decision (TP / FN:
+   localisation, {background, lesion} IoU counts, deletion / insertion AUC on the model's input grid),
+   false alarms (FP: where the saliency mass falls), cost per slice. A case costs one explanation of
+   the scan plus ``2 x 11`` forward passes per lesion slice;
 3. one JSON line is appended to the process's ledger ``OUT/ledger/rank<r>.jsonl`` and fsync'd:
    ``status`` done or failed, the error, seed, timings, input hashes, the per-slice and classifier
    rows.
@@ -26,7 +26,8 @@ a rerun with other ones is refused. The datalist itself may grow between runs: t
 cover its current cases. Two audits must not write into one ``OUT`` at the same time.
 
 Processes: under ``torchrun --nproc_per_node K`` (env ``WORLD_SIZE`` / ``RANK``) the process group
-is initialised (gloo on CPU; NCCL on CUDA, one GPU per ``LOCAL_RANK``). Rank 0 checks the output
+is initialised through ``ignite.distributed`` (gloo on CPU; NCCL on CUDA, one GPU per ``LOCAL_RANK``),
+and ranks exchange plans and counts with its collectives. Rank 0 checks the output
 folder and lists the cases still to do; rank ``r`` takes cases ``r, r + K, r + 2K, ...`` of that
 list (disjoint shares); when every rank is through, rank 0 merges the ledgers. Across machines,
 ``OUT`` must be a folder every machine sees (a shared file system).
@@ -40,6 +41,7 @@ Outputs (written by rank 0, each atomically)::
                               the case's lesion slices, the case's classifier scores, cost, the
                               explainer's records (means over explained slices), rank, seed
     OUT/per_slice.csv         one row per lesion slice, the columns of c2f-med evaluate
+    OUT/false_alarms.csv      one row per lesion-free slice the model calls positive
     OUT/summary.json / .md    c2f_med.summary (the keys documented there) + section, case counts and the
                               faithfulness settings
     OUT/provenance.json       bundle sha256 and config, datalist hash, method and parameters,
@@ -56,7 +58,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -64,22 +65,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 import torch.distributed as dist
 from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
-from c2f_med.atomic import write_csv, write_json
-from c2f_med.case import explain_case
+from c2f_med.atomic import check_output, write_csv, write_json
+from c2f_med.case import FAITHFULNESS, explain_case
 from c2f_med.errors import InputError, find_input_error
-from c2f_med.evaluate import CASE_CLASSIFIER_KEYS, CASE_KEYS, FAITHFULNESS, PER_SLICE_HEAD, evaluate_case
+from c2f_med.evaluate import CASE_CLASSIFIER_KEYS, CASE_KEYS
 from c2f_med.explain import create
+from c2f_med.handlers.score import all_gather
 from c2f_med.io.manifest import read_datalist
 from c2f_med.models.bundle import Bundle, load_bundle
 from c2f_med.provenance import input_hash, provenance
 from c2f_med.report import write_report
-from c2f_med.summary import aggregate, classifier_scores, summarise, write_summary
+from c2f_med.summary import FALSE_ALARM_HEAD, PER_SLICE_HEAD, aggregate, classifier_scores, summarise, write_summary
 
 __all__ = ["SEED", "case_seed", "check_output", "Ledger", "read_ledger", "done_cases", "audit_case", "run_audit"]
 
@@ -99,29 +102,6 @@ def case_seed(case: str, base: int = SEED) -> int:
     """The seed of ``case``: CRC-32 of ``"<base>:<case>"`` (in ``[0, 2**32)``), so it does not depend on
     the order of the cases or on the rank that takes it."""
     return zlib.crc32(f"{base}:{case}".encode())
-
-
-def check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Path:
-    """Create ``out`` and prove it writable, before any work.
-
-    A probe file is created in it and removed (permission bits alone do not tell: root ignores
-    them, a read-only mount does not). ``out`` may not be, or lie inside, one of ``inputs``.
-
-    Raises:
-        InputError: naming ``out`` and the reason.
-    """
-    given, out = Path(out), Path(out).resolve()
-    for path in inputs:
-        src = Path(path).resolve()
-        if out == src or src in out.parents:
-            raise InputError(given, f"output folder lies inside the input {src}; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise InputError(given, f"output folder cannot be written ({err.strerror or err})") from err
-    return out
 
 
 def _json_default(value: Any) -> Any:
@@ -218,9 +198,9 @@ def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.Path
     """Explain, score and record one datalist item (``{"image", "label" (optional), "case_id"}``).
 
     Never raises for a bad case: the returned ledger record has ``status`` "failed" and the
-    ``error`` on one line. A done record holds ``rows`` (per-slice score rows, :mod:`c2f_med.summary`; empty
-    without a mask), ``classifier`` rows, ``explain`` (``explain_case``'s counts), ``records``
-    (:func:`_record_means`), ``inputs`` (paths and sha256), ``seed`` and ``seconds``.
+    ``error`` on one line. A done record holds ``rows`` (per-slice score rows, :mod:`c2f_med.summary`;
+    empty without a mask), ``fp_rows`` (false alarms), ``classifier`` rows, ``explain`` (``explain_case``'s
+    counts), ``records`` (:func:`_record_means`), ``inputs`` (paths and sha256), ``seed`` and ``seconds``.
     """
     case = item["case_id"]
     seed = case_seed(case)
@@ -230,17 +210,15 @@ def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.Path
     try:
         set_determinism(seed)
         result = explain_case(bundle, item["image"], cases_dir, mask=item.get("label"), method=method, params=params,
-                              case_id=case, progress=False)
-        scored = None
-        if "label" in item:
-            set_determinism(seed)
-            scored = evaluate_case(bundle, item, 0, [method], {method: dict(params or {})})
+                              case_id=case, faithfulness=True, progress=False)
+        scored = result.scored if "label" in item else None
         record.update(
             status="done", error="",
             explain={"explained_slices": result.explained_slices, "explain_forward_passes": result.forward_passes,
                      "explain_backward_passes": result.backward_passes, "explain_seconds": result.seconds},
             records=_record_means(result.records),
-            rows=scored.rows if scored else [], classifier=scored.classifier if scored else [],
+            rows=scored.rows if scored else [], fp_rows=scored.fp_rows if scored else [],
+            classifier=scored.classifier if scored else [],
             inputs=json.loads((result.folder / "provenance.json").read_text())["inputs"])
     except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the cohort goes on
         err = find_input_error(exc)
@@ -258,42 +236,29 @@ def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.Path
 
 @contextlib.contextmanager
 def _process_group(device: str) -> Iterator[tuple[int, int, str]]:
-    """``(rank, world_size, device)``; under torchrun, with the process group initialised (and
-    destroyed on exit when this opened it). On CUDA each rank takes the GPU of its ``LOCAL_RANK``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """``(rank, world_size, device)``; under torchrun, with the process group initialised through
+    ``ignite.distributed`` (and finalised on exit when this opened it). On CUDA each rank takes the GPU
+    of its ``LOCAL_RANK``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         yield 0, 1, device
         return
     cuda = torch.device(device).type == "cuda"
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
     opened = not dist.is_initialized()
     if opened:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
+        idist.initialize("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
+    if cuda:
+        device = f"cuda:{idist.get_local_rank()}"
+        torch.cuda.set_device(device)
     try:
-        yield dist.get_rank(), dist.get_world_size(), device
+        yield idist.get_rank(), idist.get_world_size(), device
     finally:
         if opened:
-            dist.destroy_process_group()
+            idist.finalize()
 
 
-def _from_rank0(obj: Any, world: int) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    """Every rank's ``obj``, in rank order (also waits for every rank to get here)."""
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+def _from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (any picklable object)."""
+    return all_gather(obj)[0]
 
 
 def _visible(path: Path, wait: float = 60.0) -> bool:
@@ -340,6 +305,7 @@ def _plan(bundle_dir: str | os.PathLike, datalist: str | os.PathLike, out: Path,
     if not items:
         raise InputError(datalist, f'the "{section}" list is empty')
     check_output(out, [datalist, *(item[k] for item in items for k in ("image", "label") if k in item)])
+    out.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(bundle_dir, device)
     try:
         used = create(method, bundle.model, **(params or {})).param_dict()
@@ -362,12 +328,12 @@ def _plan(bundle_dir: str | os.PathLike, datalist: str | os.PathLike, out: Path,
 # ---------------------------------------------------------------------------------------------- merge
 
 
-def _case_row(record: Mapping[str, Any], method: str) -> dict[str, Any]:
+def _case_row(record: Mapping[str, Any], method: str, threshold: float) -> dict[str, Any]:
     """The per_case.csv row of a final ledger record."""
     row = {"case": record["case"], "error": record.get("error", ""), "method": method,
            "case_seconds": record.get("seconds"), "rank": record.get("rank"), "seed": record.get("seed")}
     if record["status"] == "done":
-        means, clf = aggregate(record["rows"]), classifier_scores(record["classifier"])
+        means, clf = aggregate(record["rows"]), classifier_scores(record["classifier"], threshold)
         row.update({k: means[k] for k in CASE_KEYS}, **record["explain"], **record["records"],
                    case_slices=clf["slices"], case_lesion_slices=clf["lesion_slices"],
                    case_slice_auroc=clf["slice_auroc"], case_slice_accuracy=clf["slice_accuracy"])
@@ -382,18 +348,21 @@ def _merge(out: Path, plan: _Plan, bundle: Bundle, datalist: str | os.PathLike, 
     records = [final[c] for c in cases]
     done = [r for r in records if r["status"] == "done"]
     rows = [row for r in done for row in r["rows"]]
+    fp_rows = [row for r in done for row in r.get("fp_rows", [])]
     classifier = [row for r in done for row in r["classifier"]]
 
-    summary = summarise(rows, classifier, bundle, datalist, len(done), methods=[method])
+    summary = summarise(rows, classifier, bundle, datalist, len(done), methods=[method], fp_rows=fp_rows)
     summary["section"] = section
     summary["audit"] = {"cases": len(cases), "done": len(done), "failed": len(cases) - len(done)}
     summary["faithfulness"] = {**FAITHFULNESS, "grid": "model input", "target": "lesion class"}
 
-    case_rows = [_case_row(r, method) for r in records]
+    case_rows = [_case_row(r, method, bundle.operating_point.threshold) for r in records]
     extra = list(dict.fromkeys(k for row in case_rows for k in row if k not in CASE_HEAD))
     write_csv(out / "per_case.csv", case_rows, [*CASE_HEAD, *extra])
     slice_extra = list(dict.fromkeys(k for row in rows for k in row if k not in PER_SLICE_HEAD))
     write_csv(out / "per_slice.csv", rows, [*PER_SLICE_HEAD, *slice_extra])
+    fp_extra = list(dict.fromkeys(k for row in fp_rows for k in row if k not in FALSE_ALARM_HEAD))
+    write_csv(out / "false_alarms.csv", fp_rows, [*FALSE_ALARM_HEAD, *fp_extra])
     write_summary(out, summary)
     write_json(out / "provenance.json", provenance(
         bundle, inputs={"datalist": datalist}, method=method, params=plan.params,
@@ -458,13 +427,13 @@ def run_audit(
             except InputError as err:
                 plan = ("input", err.path, err.problem)
             except Exception as err:
-                _from_rank0(("crash", None, f"{type(err).__name__}: {err}"), world)
+                _from_rank0(("crash", None, f"{type(err).__name__}: {err}"))
                 raise
-        plan = _from_rank0(plan, world)
+        plan = _from_rank0(plan)
         if isinstance(plan, tuple):
             kind, path, problem = plan
             raise InputError(path, problem) if kind == "input" else RuntimeError(f"rank 0 failed: {problem}")
-        blind = [r for r, seen in enumerate(_gather(_visible(out / IDENTITY), world)) if not seen]
+        blind = [r for r, seen in enumerate(all_gather(_visible(out / IDENTITY))) if not seen]
         if blind:
             raise InputError(out, f"not visible from rank(s) {blind}: across machines --out must be a shared folder")
         if bundle is None:
@@ -479,9 +448,8 @@ def run_audit(
             record.update(rank=rank, host=host)
             ledger.append(record)
             failed += record["status"] == "failed"
-        ranks = _gather({"rank": rank, "host": host, "device": str(device), "cases": len(share), "failed": failed,
-                         "seconds": time.perf_counter() - loop_start, "torch_threads": torch.get_num_threads()},
-                        world)
+        ranks = all_gather({"rank": rank, "host": host, "device": str(device), "cases": len(share), "failed": failed,
+                         "seconds": time.perf_counter() - loop_start, "torch_threads": torch.get_num_threads()})
         if rank != 0:
             return None
         summary = _merge(out, plan, bundle, datalist, method, section, ranks, time.perf_counter() - start)

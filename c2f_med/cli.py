@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from c2f_med.atomic import check_output
 from c2f_med.errors import InputError, find_input_error
 
 __all__ = ["main", "build_parser", "parse_params"]
@@ -59,7 +60,7 @@ def _explain(a: argparse.Namespace) -> None:
     from c2f_med.case import explain_case
     from c2f_med.models.bundle import load_bundle
 
-    _check_out(a.out, [a.input, a.mask])
+    check_output(a.out, [a.input, a.mask])
     bundle = load_bundle(a.bundle, a.device)
     result = explain_case(bundle, a.input, a.out, mask=a.mask, method=a.method,
                           params=parse_params(a.param).get(a.method), axis=a.axis,
@@ -71,15 +72,16 @@ def _explain(a: argparse.Namespace) -> None:
 def _evaluate(a: argparse.Namespace) -> None:
     from c2f_med.evaluate import run_evaluate
 
-    _check_out(a.out, [a.datalist])
+    check_output(a.out, [a.datalist])
     run_evaluate(a.bundle, a.datalist, [m for m in a.methods.split(",") if m], a.out, limit=a.limit,
-                 workers=a.workers, params=parse_params(a.param), section=a.section, device=a.device)
+                 workers=a.workers, params=parse_params(a.param), section=a.section, device=a.device,
+                 stability_slices=a.stability_slices)
 
 
 def _search(a: argparse.Namespace) -> None:
     from c2f_med.search import run_search
 
-    _check_out(a.out, a.datalist)
+    check_output(a.out, a.datalist)
     report = run_search(a.bundle, a.datalist, a.out, variants=[v for v in (a.variants or "").split(",") if v] or None,
                         section=a.section, limit=a.limit, device=a.device)
     print(f"selected variant: {report['selection']['selected']} ({a.out / 'search.md'})")
@@ -88,7 +90,7 @@ def _search(a: argparse.Namespace) -> None:
 def _bench(a: argparse.Namespace) -> None:
     from c2f_med.bench import run_bench
 
-    _check_out(a.out, [])
+    check_output(a.out)
     run_bench(a.bundle, [m for m in a.methods.split(",") if m], a.slices, a.out, params=parse_params(a.param),
               datalist=a.datalist, device=a.device)
 
@@ -96,27 +98,9 @@ def _bench(a: argparse.Namespace) -> None:
 def _audit(a: argparse.Namespace) -> None:
     from c2f_med.audit import run_audit
 
-    _check_out(a.out, [a.datalist])
+    check_output(a.out, [a.datalist])
     run_audit(a.bundle, a.datalist, a.out, method=a.method, params=parse_params(a.param).get(a.method),
               section=a.section, device=a.device)
-
-
-def _check_out(out: Path, inputs: list[Path | None]) -> None:
-    """Refuse an output folder inside an input, or one that cannot be written, before any work."""
-    import os
-
-    out = Path(out).resolve()
-    for path in inputs:
-        if path is None:
-            continue
-        src = Path(path).resolve()
-        if src.is_dir() and (out == src or src in out.parents):
-            raise InputError(out, f"output folder lies inside the input {src}; choose another --out")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(out, "output folder cannot be written (permission denied or not a folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, help="only the first N cases")
     v.add_argument("--workers", type=int, default=1, help="worker processes")
     v.add_argument("--section", default="testing", help="datalist section to evaluate")
+    v.add_argument("--stability-slices", type=int, default=3, metavar="N",
+                   help="slices per case explained again on the scan stored as int16 and with noise at its noise "
+                        "floor (saliency correlation per method); 0 switches the test off")
     v.set_defaults(func=_evaluate)
 
     r = sub.add_parser(

@@ -4,18 +4,24 @@ Protocol, for every case of a datalist section (the first ``limit`` cases):
 
 * The scan and its lesion mask are loaded as ``c2f-med explain`` loads them
   (:func:`c2f_med.case.load_scan`) and cut into axial slices (axis 2 after RAS orientation).
-* Classifier: the lesion-class probability of every non-background slice; a slice's label is
-  "its mask has lesion voxels". Dataset slice AUROC and accuracy (threshold 0.5).
-* Explanations: every method explains the SAME slices, those whose mask has lesion voxels
-  (:func:`~c2f_med.explain.volume.explain_volume` with ``slices``), and the map it returns on the
-  slice's own grid is scored against the mask (:func:`~c2f_med.metrics.localisation.localisation_scores`;
+* Classifier: the calibrated lesion-class probability of every non-background slice and the model's
+  decision at the bundle's operating point (threshold 0.5, source "default", when the bundle declares
+  none); a slice's label is "its mask has lesion voxels". Slice AUROC, accuracy, sensitivity,
+  specificity, ECE; per 3-D lesion AUROC and sensitivity.
+* Explanations: one call of :func:`c2f_med.case.explain_and_score` per case and method. Every method
+  explains the SAME slices: those whose mask has lesion voxels (strata TP and FN by the model's
+  decision) and the lesion-free slices the model calls positive (FP). A lesion slice's map, on the
+  slice's own grid, is scored against the mask (:func:`~c2f_med.metrics.localisation.localisation_scores`;
   pointing-game tolerance :func:`~c2f_med.case.tolerance_voxels`, i.e. ``p / 2`` model pixels), with
-  the slice's {background, lesion} IoU counts at the mean threshold for the dataset mIoU.
+  the slice's {background, lesion} IoU counts at the mean threshold for the dataset mIoU; a false
+  alarm's map by where its mass falls (:func:`~c2f_med.metrics.localisation.saliency_mass`).
 * Faithfulness, on the model's input grid (the normalised ``size x size`` slice and the
-  explainer's own map on it), ``p_c`` of the lesion class: deletion AUC (pixels go to 0 in the
-  model's normalised input space, RISE's deletion baseline) and insertion AUC (pixels go from a
-  Gaussian blur of sigma 5 px to the image, RISE's insertion baseline), 20 steps
-  (:mod:`c2f_med.metrics.faithfulness`); see :data:`FAITHFULNESS`.
+  explainer's own map on it), ``p_c`` of the lesion class: deletion AUC (the most salient pixels
+  are filled first) and insertion AUC (only the most salient pixels are kept), both with ROAD's
+  noisy linear imputation as the fill, 10 steps (:data:`c2f_med.case.FAITHFULNESS`).
+* Stability: on up to ``stability_slices`` lesion slices per case (0: off), the saliency correlation
+  between the scan as given and the scan stored as int16, and with noise at its noise floor
+  (:func:`c2f_med.case.load_variants`).
 * Cost per slice: the explainer's wall time for its batch divided by the batch's slices
   (classification, mapping back and scoring excluded; every method first explains one random
   slice, so one-off set-up stays out), its forward passes (the explainer's per-slice count when
@@ -23,14 +29,18 @@ Protocol, for every case of a datalist section (the first ``limit`` cases):
 
 Outputs, each written atomically::
 
-    OUT/per_slice.csv   case, slice, method, probability, scores, seconds, forward/backward passes,
-                        IoU counts, and the explainer's record (C2F: K, pos1, neg1, ...); one row per
-                        (case, lesion slice, method); NaN (not applicable) written as an empty cell
+    OUT/per_slice.csv   case, slice, method, probability, positive, stratum (tp / fn), lesions, scores,
+                        seconds, forward/backward passes, IoU counts, and the explainer's record (C2F: K,
+                        pos1, neg1, ...); one row per (case, lesion slice, method); NaN (not applicable)
+                        written as an empty cell
+    OUT/false_alarms.csv one row per (case, lesion-free model-positive slice, method): probability,
+                        saliency-mass keys, cost
+    OUT/stability.csv   one row per (case, tested slice, method): r int16, r noise
     OUT/per_case.csv    case, method, mean scores over the case's lesion slices, the case's classifier
                         numbers (a case without lesion slices gets its rows with empty scores)
     OUT/summary.json    the stable keys (:func:`c2f_med.summary.summarise`), NaN as null, plus
                         the faithfulness settings and the provenance
-    OUT/summary.md      table, one row per method, best per column in bold, paired bootstrap CIs
+    OUT/summary.md      tables (TP first), one row per method, best per column in bold, paired bootstrap CIs
     OUT/gallery.png     best and worst lesion slices (by AP of c2f, else of the first method), every
                         method side by side
     OUT/curves.png      mean deletion and insertion curves per method
@@ -42,7 +52,6 @@ merged in datalist order, so they equal a single process's (timings aside).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,30 +65,27 @@ import torch
 from tqdm.auto import tqdm
 
 from c2f_med.atomic import atomic_path, write_csv
-from c2f_med.case import load_scan, tolerance_voxels
+from c2f_med.case import FAITHFULNESS, STABILITY, explain_and_score, load_scan, load_variants
 from c2f_med.errors import InputError, find_input_error
-from c2f_med.explain import Explainer, Explanation, create, explain_volume
+from c2f_med.explain import create
 from c2f_med.export.overlays import CONTOUR_COLOUR, display_slice, heat_colormap
 from c2f_med.io.manifest import read_datalist
-from c2f_med.metrics.faithfulness import auc, perturbation_curve
-from c2f_med.metrics.localisation import localisation_scores, threshold_mean
+from c2f_med.metrics.faithfulness import auc
 from c2f_med.models.bundle import Bundle, load_bundle
 from c2f_med.provenance import provenance
-from c2f_med.slices import normalise_input, to_model_grid, volume_slices
 from c2f_med.summary import (
-    COST_KEYS,
-    IOU_COUNT_KEYS,
+    FALSE_ALARM_HEAD,
+    PER_SLICE_HEAD,
     REFERENCE_METHOD,
     SCORE_KEYS,
+    STABILITY_HEAD,
     aggregate,
-    classifier_rows,
     classifier_scores,
-    iou_counts,
     summarise,
     write_summary,
 )
 
-__all__ = ["AXIS", "FAITHFULNESS", "CaseOutput", "GalleryItem", "Metered", "check_methods", "evaluate_case", "warm_up",
+__all__ = ["AXIS", "FAITHFULNESS", "CaseOutput", "GalleryItem", "check_methods", "evaluate_case", "warm_up",
            "run_evaluate"]
 
 logger = logging.getLogger(__name__)
@@ -88,37 +94,8 @@ logger = logging.getLogger(__name__)
 AXIS = 2
 #: slices classified and explained per batch
 SLICE_BATCH = 16
-#: faithfulness curves: RISE's baselines in the model's normalised input space
-FAITHFULNESS = {"steps": 20, "deletion_baseline": "zero", "insertion_baseline": "blur", "blur_sigma": 5.0}
 #: gallery rows: this many best and this many worst slices
 GALLERY_ROWS = 2
-
-
-class Metered(Explainer):
-    """Delegates to ``inner`` and adds each slice's cost to its record.
-
-    ``seconds``: the batch's wall time / its slices; ``forward_passes``: the inner explainer's
-    per-slice count when its record has one, else the batch's count / its slices;
-    ``backward_passes``: the batch's count / its slices.
-    """
-
-    def __init__(self, inner: Explainer):
-        super().__init__(inner.model)
-        self.inner, self.name, self.params = inner, inner.name, inner.params
-
-    def param_dict(self) -> dict[str, Any]:
-        return self.inner.param_dict()
-
-    def _explain(self, x: torch.Tensor, target: torch.Tensor | int | None) -> Explanation:
-        start = time.perf_counter()
-        expl = self.inner.explain(x, target)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        b = x.shape[0]
-        seconds = (time.perf_counter() - start) / b
-        expl.records = [{**r, "seconds": seconds, "forward_passes": r.get("forward_passes", expl.forward_passes / b),
-                         "backward_passes": expl.backward_passes / b} for r in expl.records]
-        return expl
 
 
 @dataclass
@@ -147,7 +124,8 @@ class CaseOutput:
 
     Attributes:
         index, case: position in the datalist section and case id.
-        rows: per-slice rows (:mod:`c2f_med.summary`), methods in request order, slices ascending.
+        rows: per-slice lesion rows (:mod:`c2f_med.summary`), methods in request order, slices ascending.
+        fp_rows: false-alarm rows; stability: stability rows (with ``case`` and ``method``).
         classifier: classifier rows of the case's non-background slices.
         curves: ``{method: {"fractions": steps + 1 fractions of changed pixels, "deletion": [steps + 1
             probabilities per slice], "insertion": [...]}}``.
@@ -157,6 +135,8 @@ class CaseOutput:
     index: int
     case: str
     rows: list[dict[str, Any]] = field(default_factory=list)
+    fp_rows: list[dict[str, Any]] = field(default_factory=list)
+    stability: list[dict[str, Any]] = field(default_factory=list)
     classifier: list[dict[str, Any]] = field(default_factory=list)
     curves: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)
     gallery: list[GalleryItem] = field(default_factory=list)
@@ -175,65 +155,39 @@ def evaluate_case(
     params: Mapping[str, Mapping[str, Any]] | None = None,
     on_method: Callable[[str], None] | None = None,
     faithfulness: bool = True,
+    stability_slices: int = STABILITY["slices"],
 ) -> CaseOutput:
-    """Classify, explain and score one datalist item (``{"image", "label", "case_id"}``) with every method.
+    """Classify, explain and score one datalist item (``{"image", "label", "case_id"}``) with every method
+    (:func:`c2f_med.case.explain_and_score`, the lesion and the model-positive slices).
 
     ``on_method(name)`` is called after each method (progress bars). ``faithfulness=False`` skips the
     deletion / insertion curves (their AUCs are NaN): the design search scores localisation only.
+    ``stability_slices``: slices per case of the stability test (0: none).
     """
     params = params or {}
     case = item["case_id"]
     data = load_scan(item["image"], item["label"], bundle.preset)
     scan = data["image"]  # 1 x X x Y x Z in [0, 1]
     label = data["label"][0].numpy() > 0  # X x Y x Z
-    volume = scan.as_tensor()[0]  # X x Y x Z
-    masks = np.moveaxis(label, AXIS, 0)  # n x h x w
-    has_lesion = masks.reshape(masks.shape[0], -1).any(1)
-    lesion = [int(i) for i in np.flatnonzero(has_lesion)]
-    model, target = bundle.model, bundle.lesion_class
-    device = next(model.parameters()).device
-    tolerance = tolerance_voxels(model, tuple(s for a, s in enumerate(label.shape) if a != AXIS))
-    inputs = {}  # slice -> 1 x size x size model-grid input
-    if lesion:
-        x, _ = to_model_grid(volume_slices(volume, AXIS, lesion).float(), model.input_size[0])
-        inputs = dict(zip(lesion, normalise_input(x).to(device)))
-
-    def predict(batch: torch.Tensor) -> torch.Tensor:
-        return model(batch).softmax(1)[:, target]
-
+    variants = load_variants(item["image"], bundle.preset) if stability_slices > 0 else None
     out = CaseOutput(index=index, case=case)
     lesion_maps: dict[str, dict[int, np.ndarray]] = {}
     for method in methods:
-        explainer = Metered(create(method, model, **params.get(method, {})))
-        result = explain_volume(scan, explainer, axis=AXIS, target=target, slice_batch=SLICE_BATCH, progress=False,
-                                slices=lesion, keep_model_grid=True)
+        scored = explain_and_score(bundle.model, scan, label, create(method, bundle.model, **params.get(method, {})),
+                                   case=case, target=bundle.lesion_class, operating_point=bundle.operating_point,
+                                   axis=AXIS, explain="scored", slice_batch=SLICE_BATCH, faithfulness=faithfulness,
+                                   variants=variants, stability_slices=stability_slices)
         if method == methods[0]:  # the classifier's numbers do not depend on the method
-            out.classifier = classifier_rows(case, result.predictions, label, AXIS)
-        probability = {p.index: p.probability for p in result.predictions}
-        volume_map = result.saliency[0].numpy()  # X x Y x Z
-        saliency = np.moveaxis(volume_map, AXIS, 0)  # n x h x w
-        curves = out.curves.setdefault(method, {"fractions": np.empty(0), "deletion": [], "insertion": []})
-        lesion_maps[method] = {}
-        for record in result.records:  # explained lesion slices, ascending
-            i = record["index"]
-            s, m = saliency[i], masks[i]
-            lesion_maps[method][i] = display_slice(volume_map, i, AXIS).copy()
-            faith = {"deletion_auc": math.nan, "insertion_auc": math.nan}
-            modes = (("deletion", FAITHFULNESS["deletion_baseline"]), ("insertion", FAITHFULNESS["insertion_baseline"]))
-            for mode, baseline in modes if faithfulness else ():
-                fractions, probs = perturbation_curve(inputs[i], result.model_grid_maps[i].numpy(), predict, mode=mode,
-                                                      baseline=baseline, steps=FAITHFULNESS["steps"],
-                                                      blur_sigma=FAITHFULNESS["blur_sigma"])
-                curves[mode].append(probs)
-                curves["fractions"] = fractions
-                faith[f"{mode}_auc"] = auc(fractions, probs)
-            extra = {k: v for k, v in record.items() if k not in ("index", *COST_KEYS)}
-            out.rows.append({"case": case, "slice": i, "method": method, "probability": probability[i],
-                             **localisation_scores(s, m, tolerance), **faith,
-                             **{k: record[k] for k in COST_KEYS}, **iou_counts(threshold_mean(s), m), **extra})
+            out.classifier = scored.classifier
+        out.rows += scored.rows
+        out.fp_rows += scored.fp_rows
+        out.stability += [{"case": case, "method": method, **r} for r in scored.stability]
+        out.curves[method] = scored.curves
+        volume_map = scored.result.saliency[0].numpy()  # X x Y x Z
+        lesion_maps[method] = {r["slice"]: display_slice(volume_map, r["slice"], AXIS).copy() for r in scored.rows}
         if on_method is not None:
             on_method(method)
-    out.gallery = _gallery_candidates(out.rows, index, volume.cpu().numpy(), label, lesion_maps, methods)
+    out.gallery = _gallery_candidates(out.rows, index, scan.as_tensor()[0].cpu().numpy(), label, lesion_maps, methods)
     return out
 
 
@@ -258,6 +212,7 @@ def warm_up(bundle: Bundle, methods: Sequence[str], params: Mapping[str, Mapping
         create(m, model, **(params or {}).get(m, {})).explain(x, bundle.lesion_class)
 
 
+
 # ---------------------------------------------------------------------------------------------- workers
 
 _WORKER_BUNDLE: Bundle | None = None
@@ -270,11 +225,12 @@ def _init_worker(bundle_dir: str, device: str, methods: list[str], params: dict)
     warm_up(_WORKER_BUNDLE, methods, params)
 
 
-def _worker_case(item: dict, index: int, methods: list[str], params: dict) -> CaseOutput | tuple[str, str | None, str]:
+def _worker_case(item: dict, index: int, methods: list[str], params: dict,
+                 stability_slices: int) -> CaseOutput | tuple[str, str | None, str]:
     """One case in a worker; an :class:`InputError` comes back as ``("input_error", path, problem)``
     (its constructor's signature does not survive pickling)."""
     try:
-        return evaluate_case(_WORKER_BUNDLE, item, index, methods, params)
+        return evaluate_case(_WORKER_BUNDLE, item, index, methods, params, stability_slices=stability_slices)
     except Exception as exc:
         err = find_input_error(exc)
         if err is None:
@@ -283,19 +239,20 @@ def _worker_case(item: dict, index: int, methods: list[str], params: dict) -> Ca
 
 
 def _run_cases(bundle: Bundle, bundle_dir: str | os.PathLike, device: str, items: list[dict], methods: list[str],
-               params: dict, workers: int, progress: bool) -> list[CaseOutput]:
+               params: dict, workers: int, progress: bool, stability_slices: int) -> list[CaseOutput]:
     bar = tqdm(total=len(items) * len(methods), desc="evaluate", unit="case x method", disable=not progress)
     with bar:
         if workers <= 1:
             warm_up(bundle, methods, params)
-            return [evaluate_case(bundle, item, i, methods, params, on_method=lambda _m: bar.update(1))
-                    for i, item in enumerate(items)]
+            return [evaluate_case(bundle, item, i, methods, params, on_method=lambda _m: bar.update(1),
+                                  stability_slices=stability_slices) for i, item in enumerate(items)]
         import multiprocessing
 
         outputs: dict[int, CaseOutput] = {}
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(str(bundle_dir), device, methods, params)) as pool:
-            futures = {pool.submit(_worker_case, item, i, methods, params): i for i, item in enumerate(items)}
+            futures = {pool.submit(_worker_case, item, i, methods, params, stability_slices): i
+                       for i, item in enumerate(items)}
             for future in as_completed(futures):
                 result = future.result()
                 if isinstance(result, tuple):
@@ -309,16 +266,15 @@ def _run_cases(bundle: Bundle, bundle_dir: str | os.PathLike, device: str, items
 
 # ---------------------------------------------------------------------------------------------- outputs
 
-PER_SLICE_HEAD = ("case", "slice", "method", "probability", *SCORE_KEYS, *COST_KEYS, *IOU_COUNT_KEYS)
 CASE_KEYS = ("slices", *SCORE_KEYS, "miou", "seconds_per_slice", "forward_passes_per_slice",
              "backward_passes_per_slice")
 CASE_CLASSIFIER_KEYS = ("case_slices", "case_lesion_slices", "case_slice_auroc", "case_slice_accuracy")
 
 
-def _per_case_rows(outputs: Sequence[CaseOutput], methods: Sequence[str]) -> list[dict[str, Any]]:
+def _per_case_rows(outputs: Sequence[CaseOutput], methods: Sequence[str], threshold: float) -> list[dict[str, Any]]:
     rows = []
     for o in outputs:
-        clf = classifier_scores(o.classifier)
+        clf = classifier_scores(o.classifier, threshold)
         case_clf = {"case_slices": clf["slices"], "case_lesion_slices": clf["lesion_slices"],
                     "case_slice_auroc": clf["slice_auroc"], "case_slice_accuracy": clf["slice_accuracy"]}
         for m in methods:
@@ -376,9 +332,9 @@ def _plot_curves(path: Path, outputs: Sequence[CaseOutput], methods: Sequence[st
                 fractions = next(o.curves[m]["fractions"] for o in outputs if o.curves[m][mode])
                 mean = np.mean(curves, axis=0)
                 ax.plot(fractions, mean, label=f"{m} (AUC {auc(fractions, mean):.3f})")
-        baseline = FAITHFULNESS[f"{mode}_baseline"]
-        ax.set(xlabel="fraction of pixels changed (most salient first)", ylabel="p(lesion)", ylim=(0, 1),
-               title=f"{mode} (baseline: {baseline}); {'lower' if mode == 'deletion' else 'higher'} is better")
+        ax.set(xlabel="fraction of pixels filled (most salient first)" if mode == "deletion" else
+               "fraction of pixels kept (most salient first)", ylabel="p(lesion)", ylim=(0, 1),
+               title=f"{mode} (fill: noisy linear imputation); {'lower' if mode == 'deletion' else 'higher'} is better")
         ax.legend(fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
@@ -416,6 +372,7 @@ def run_evaluate(
     params: Mapping[str, Mapping[str, Any]] | None = None,
     section: str = "testing",
     device: str = "cpu",
+    stability_slices: int = STABILITY["slices"],
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``methods`` on the lesion slices of a datalist section and write ``out/`` (module docstring).
@@ -430,6 +387,8 @@ def run_evaluate(
         params: ``{method: {parameter: value}}`` overrides.
         section: datalist section.
         device: torch device.
+        stability_slices: slices per case of the stability test (0: off; each costs three explanations
+            per method).
         progress: show a progress bar over cases x methods.
 
     Returns:
@@ -443,6 +402,8 @@ def run_evaluate(
         raise InputError(datalist, f"--limit must be >= 1, got {limit}")
     if workers < 1:
         raise InputError(None, f"--workers must be >= 1, got {workers}")
+    if stability_slices < 0:
+        raise InputError(None, f"--stability-slices must be >= 0, got {stability_slices}")
     items = read_datalist(datalist, section)[:limit]
     if not items:
         raise InputError(datalist, f'the "{section}" list is empty')
@@ -453,12 +414,19 @@ def run_evaluate(
     used_params = check_methods(bundle, methods, params)
 
     start = time.perf_counter()
-    outputs = _run_cases(bundle, bundle_dir, device, items, methods, params, min(workers, len(items)), progress)
+    outputs = _run_cases(bundle, bundle_dir, device, items, methods, params, min(workers, len(items)), progress,
+                         stability_slices)
     rows = [r for o in outputs for r in o.rows]
+    fp_rows = [r for o in outputs for r in o.fp_rows]
+    stability = [r for o in outputs for r in o.stability]
     summary = summarise(rows, [c for o in outputs for c in o.classifier], bundle, datalist, len(items),
-                        methods=methods)
+                        methods=methods, fp_rows=fp_rows, stability=stability)
     summary["section"] = section
     summary["faithfulness"] = {**FAITHFULNESS, "grid": "model input", "target": "lesion class"}
+    summary["stability_settings"] = {"slices_per_case": stability_slices, "seed": STABILITY["seed"],
+                                     "grid": "model input", "variants": {
+                                         "int16": "intensities stored as int16 after a rescale, read back",
+                                         "noise": "Gaussian noise at the scan's own noise floor"}}
     summary["provenance"] = provenance(bundle, inputs={"datalist": datalist}, method=",".join(methods),
                                        params=used_params,
                                        extra={"workers": workers, "seconds": time.perf_counter() - start})
@@ -467,7 +435,10 @@ def run_evaluate(
     out.mkdir(parents=True, exist_ok=True)
     extras = list(dict.fromkeys(k for r in rows for k in r if k not in PER_SLICE_HEAD))
     write_csv(out / "per_slice.csv", rows, [*PER_SLICE_HEAD, *extras])
-    write_csv(out / "per_case.csv", _per_case_rows(outputs, methods),
+    fp_extras = list(dict.fromkeys(k for r in fp_rows for k in r if k not in FALSE_ALARM_HEAD))
+    write_csv(out / "false_alarms.csv", fp_rows, [*FALSE_ALARM_HEAD, *fp_extras])
+    write_csv(out / "stability.csv", stability, STABILITY_HEAD)
+    write_csv(out / "per_case.csv", _per_case_rows(outputs, methods, bundle.operating_point.threshold),
                ["case", "method", *CASE_KEYS, *CASE_CLASSIFIER_KEYS])
     write_summary(out, summary)
     _plot_gallery(out / "gallery.png", outputs, methods)

@@ -3,7 +3,9 @@
 ``report.html`` needs nothing beside itself: CSS is inline, every image is a base64 PNG in a
 ``data:`` URI, there is no script and no external link. Sections (each an ``<section id=...>``):
 
-* ``summary``: the ``summary.json`` numbers, one row per method, plus the slice classifier's;
+* ``summary``: the ``summary.json`` numbers: the slice classifier's at its operating point, then one
+  row per method for the lesion slices the model called positive (TP, the primary table), those it
+  missed (FN), all lesion slices, and where the saliency of its false alarms falls (FP);
 * ``distributions``: per-case score distributions, one box per method and score;
 * ``gallery``: the overlays of the best and the worst cases of each method by one score;
 * ``calibration``: reliability diagram of the slice lesion probabilities, with the expected
@@ -35,6 +37,7 @@ from numpy.typing import ArrayLike, NDArray
 from PIL import Image
 
 from c2f_med.atomic import write_text
+from c2f_med.metrics.localisation import FP_KEYS
 from c2f_med.summary import LOWER_IS_BETTER
 
 __all__ = ["Reliability", "reliability", "png_data_uri", "render_report", "write_report", "SUMMARY_COLUMNS",
@@ -142,21 +145,43 @@ def _by_method(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str,
     return out
 
 
-def _summary_section(summary: Mapping[str, Any]) -> str:
-    methods = summary.get("methods", {})
-    head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in ("method", *SUMMARY_COLUMNS))
+def _methods_table(methods: Mapping[str, Mapping[str, Any]], columns: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in ("method", *columns))
     body = "".join(
         "<tr>" + f"<td>{html.escape(name)}</td>"
-        + "".join(f"<td>{(_count if c == 'slices' else _fmt)(scores.get(c))}</td>" for c in SUMMARY_COLUMNS)
+        + "".join(f"<td>{(_count if c == 'slices' else _fmt)(scores.get(c))}</td>" for c in columns)
         + "</tr>" for name, scores in methods.items())
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _summary_section(summary: Mapping[str, Any]) -> str:
     clf = summary.get("classifier", {})
-    return (
+    point = summary.get("operating_point") or {}
+    source = "the bundle's operating point" if point.get("source") == "bundle" else "a default threshold"
+    parts = [
         '<section id="summary"><h2>Summary</h2>'
         f'<p class="meta">{_count(summary.get("cases"))} cases, {_count(summary.get("lesion_slices"))} lesion '
         f'slices; slice classifier AUROC {_fmt(clf.get("slice_auroc"))}, accuracy '
-        f'{_fmt(clf.get("slice_accuracy"))}; per lesion ({_count(clf.get("lesions"))} 3-D lesions, each by its '
-        f'best slice) AUROC {_fmt(clf.get("lesion_auroc"))}, found {_fmt(clf.get("lesion_sensitivity"))}.</p>'
-        f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div></section>')
+        f'{_fmt(clf.get("slice_accuracy"))}, sensitivity {_fmt(clf.get("sensitivity"))}, specificity '
+        f'{_fmt(clf.get("specificity"))} at threshold {_fmt(clf.get("threshold"))} ({source}), ECE '
+        f'{_fmt(clf.get("ece"))}; per lesion ({_count(clf.get("lesions"))} 3-D lesions, each by its '
+        f'best slice) AUROC {_fmt(clf.get("lesion_auroc"))}, found {_fmt(clf.get("lesion_sensitivity"))}.</p>']
+    strata = summary.get("strata")
+    if strata:
+        parts += [f'<h3 id="tp">Lesion slices the model called positive (TP, {_count(strata["tp"]["slices"])} '
+                  "slices): is it looking at the lesion when it flags it?</h3>",
+                  _methods_table(strata["tp"]["methods"], SUMMARY_COLUMNS),
+                  f'<h3 id="fn">Lesion slices the model missed (FN, {_count(strata["fn"]["slices"])} slices)</h3>',
+                  _methods_table(strata["fn"]["methods"], SUMMARY_COLUMNS),
+                  '<h3 id="all">All lesion slices, whatever the model decided</h3>']
+    parts.append(_methods_table(summary.get("methods", {}), SUMMARY_COLUMNS))
+    if strata:
+        parts += [f'<h3 id="fp">False alarms: lesion-free slices the model called positive (FP, '
+                  f'{_count(strata["fp"]["slices"])} slices)</h3><p class="meta">Share of the saliency mass, and of '
+                  "the 5 % most salient pixels, inside the body; whether the peak is inside; the body's share of "
+                  "the slice is what a map that looks nowhere in particular gets.</p>",
+                  _methods_table(strata["fp"]["methods"], (*FP_KEYS, "slices"))]
+    return "".join(parts) + "</section>"
 
 
 def _distributions_section(rows: Sequence[Mapping[str, Any]]) -> str:

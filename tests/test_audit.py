@@ -265,7 +265,8 @@ def test_output_inside_an_input_folder_is_refused(tmp_path):
     with pytest.raises(InputError, match="inside the input"):
         check_output(series / "audit", [tmp_path / "datalist.json", series])
     assert not (series / "audit").exists()
-    assert check_output(tmp_path / "elsewhere", [series]).is_dir()
+    assert check_output(tmp_path / "elsewhere", [series]) == (tmp_path / "elsewhere").resolve()
+    assert not (tmp_path / "elsewhere").exists()  # nothing created before the work
 
 
 def test_ledger_keeps_records_around_a_line_cut_by_a_kill(tmp_path):

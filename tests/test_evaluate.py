@@ -22,7 +22,8 @@ from tests.conftest import TINY_CASES
 METHODS = ["c2f", "rollout", "gradcam"]
 CONTRACT = ("pointing_game", "pointing_game_tol", "relevance_mass", "miou", "dice", "iou_topk", "auroc", "ap",
             "deletion_auc", "insertion_auc", "seconds_per_slice", "forward_passes_per_slice", "slices")
-FILES = ("per_slice.csv", "per_case.csv", "summary.json", "summary.md", "gallery.png", "curves.png")
+FILES = ("per_slice.csv", "per_case.csv", "false_alarms.csv", "stability.csv", "summary.json", "summary.md",
+         "gallery.png", "curves.png")
 
 
 def lesion_slices() -> set[tuple[str, int]]:
@@ -69,6 +70,63 @@ def test_summary_has_the_contract_keys(evaluated, tiny_datalist, tiny_bundle):
         assert 0 <= s["methods"][m]["deletion_auc"] <= 1 and 0 <= s["methods"][m]["insertion_auc"] <= 1
     assert set(s["comparisons"]) == {"c2f - rollout", "c2f - gradcam"}
     assert s["methods"]["c2f"]["records"]["K"] >= 1
+    clf = s["classifier"]
+    assert clf["threshold"] == 0.5 and 0 <= clf["specificity"] <= 1 and 0 <= clf["ece"] <= 1
+    assert s["operating_point"] == {"threshold": 0.5, "source": "default"}
+
+
+def test_strata_split_the_lesion_slices_by_the_models_decision(evaluated):
+    out, s = evaluated
+    rows = read_csv(out / "per_slice.csv")
+    positive = {(r["case"], int(r["slice"])): r["positive"] == "True" for r in rows}
+    for r in rows:
+        assert r["stratum"] == ("tp" if float(r["probability"]) >= 0.5 else "fn") == ("tp" if r["positive"] == "True"
+                                                                                     else "fn")
+    strata = s["strata"]
+    assert strata["tp"]["slices"] == sum(positive.values())
+    assert strata["tp"]["slices"] + strata["fn"]["slices"] == s["lesion_slices"]
+    for name in ("tp", "fn"):
+        for m in METHODS:
+            got = strata[name]["methods"][m]
+            assert got["slices"] == strata[name]["slices"] and all(k in got for k in CONTRACT)
+            own = [float(r["ap"]) for r in rows if r["method"] == m and r["stratum"] == name]
+            if own:
+                assert got["ap"] == pytest.approx(np.mean(own), rel=1e-4)
+    # false alarms: the lesion-free slices called positive, every method explained them
+    alarms = read_csv(out / "false_alarms.csv")
+    fp = {(r["case"], int(r["slice"])) for r in alarms}
+    assert strata["fp"]["slices"] == len(fp) and not fp & set(positive)
+    for r in alarms:
+        assert float(r["probability"]) >= 0.5 and 0 <= float(r["mass_foreground"]) <= 1
+    for m in METHODS:
+        assert strata["fp"]["methods"][m]["slices"] == len(fp)
+        assert {"mass_foreground", "topk_foreground", "peak_foreground", "foreground_fraction"} <= set(
+            strata["fp"]["methods"][m])
+    # per 3-D lesion: two lesions, each the mean over its three slices
+    for m in METHODS:
+        lesion = s["lesions"][m]
+        assert lesion["lesions"] == 2
+        per = [np.mean([float(r["ap"]) for r in rows if r["method"] == m and r["case"] == c]) for c in ("tiny_a",
+                                                                                                     "tiny_b")]
+        assert lesion["ap"] == pytest.approx(np.mean(per), rel=1e-4)
+        assert lesion["best"]["ap"] >= lesion["ap"]
+    md = (out / "summary.md").read_text()
+    assert md.index("(TP,") < md.index("(FN,") < md.index("All lesion slices") < md.index("(FP,")
+
+
+def test_stability_is_reported_per_method(evaluated):
+    out, s = evaluated
+    rows = read_csv(out / "stability.csv")
+    for m in METHODS:
+        own = [r for r in rows if r["method"] == m]
+        counts = {c: sum(r["case"] == c for r in own) for c in TINY_CASES}
+        # three lesion slices each; the lesion-free case: its false alarms, at most three
+        assert counts["tiny_a"] == counts["tiny_b"] == 3 and counts["tiny_c"] <= 3
+        assert s["stability"][m]["slices"] == len(own)
+        for key in ("int16", "noise"):
+            assert -1 <= s["stability"][m][key] <= 1
+    # gradient-free rollout on an int16 file: storing it as int16 changes nothing
+    assert s["stability"]["rollout"]["int16"] == pytest.approx(1.0)
 
 
 def test_per_slice_rows_are_the_lesion_slices_of_every_method(evaluated):
@@ -120,9 +178,10 @@ def test_scores_are_those_of_the_map_on_the_scan_grid(evaluated, tiny_bundle, ti
 def test_markdown_bolds_the_best_ap(evaluated):
     out, summary = evaluated
     md = (out / "summary.md").read_text()
+    all_slices = md[md.index("All lesion slices"):]
     best = max(METHODS, key=lambda m: summary["methods"][m]["ap"])
     for m in METHODS:
-        line = next(line for line in md.splitlines() if line.startswith(f"| {m} |"))
+        line = next(line for line in all_slices.splitlines() if line.startswith(f"| {m} |"))
         ap_cell = line.split("|")[2].strip()
         assert ap_cell.startswith("**") == (m == best)
     assert f"{len(lesion_slices())} lesion slices" in md and "3 cases" in md

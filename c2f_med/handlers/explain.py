@@ -17,8 +17,10 @@ import torch
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
-from c2f_med.explain import Explainer, available, create, explain_volume
+from c2f_med.case import explain_and_score
+from c2f_med.explain import Explainer, available, create
 from c2f_med.io.manifest import case_id
+from c2f_med.models.bundle import OperatingPoint
 from c2f_med.models.vit import TokenViT
 
 __all__ = ["ExplainHandler", "no_forward", "case_ids"]
@@ -55,7 +57,14 @@ class ExplainHandler:
     - ``"explanation"``: the :class:`~c2f_med.explain.volume.VolumeExplanation` (per-slice
       predictions, the explainer's records, forward / backward pass counts);
     - ``"explain_info"``: ``{"method", "params", "axis", "min_probability", "normalise", "seconds"}``
-      for provenance and costs.
+      for provenance and costs;
+    - with ``score`` and a ``"label"`` (lesion mask ``1 x X x Y x Z``): ``"case_scores"``, the
+      :class:`~c2f_med.case.CaseScores` of :func:`c2f_med.case.explain_and_score` (lesion rows by the
+      model's decision, false alarms, classifier rows, ``scores.json``), which
+      :class:`~c2f_med.handlers.LesionScoreHandler` collects.
+
+    The explaining and scoring is :func:`c2f_med.case.explain_and_score`, the function ``c2f-med
+    explain``, ``c2f-med evaluate`` and the audit call.
 
     MONAI evaluators run their forward pass under ``no_grad`` and may run in inference mode: the
     explainer runs with inference mode off and gradients on, so gradient methods (``gae``,
@@ -70,6 +79,10 @@ class ExplainHandler:
         normalise: ``"slice"`` or ``"volume"`` (see :func:`~c2f_med.explain.explain_volume`).
         slice_batch: slices classified and explained per batch.
         progress: a progress bar over each case's slices.
+        score: score each item that has a lesion mask (the bundle's ``evaluate.json`` turns it on).
+        faithfulness: with ``score``, also the deletion / insertion AUCs of the lesion slices.
+        bundle: the :class:`~c2f_med.models.bundle.Bundle`, whose operating point decides which slices
+            the model calls positive (default: threshold 0.5, temperature 1).
     """
 
     def __init__(
@@ -82,6 +95,9 @@ class ExplainHandler:
         normalise: str = "slice",
         slice_batch: int = 16,
         progress: bool = False,
+        score: bool = False,
+        faithfulness: bool = False,
+        bundle: Any = None,
     ) -> None:
         if method not in available():
             raise ValueError(f"unknown explainer {method!r}; available: {', '.join(available())}")
@@ -93,6 +109,9 @@ class ExplainHandler:
         self.normalise = normalise
         self.slice_batch = slice_batch
         self.progress = progress
+        self.score = score
+        self.faithfulness = faithfulness
+        self.operating_point = getattr(bundle, "operating_point", None) or OperatingPoint()
         self.explainer: Explainer | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -112,22 +131,30 @@ class ExplainHandler:
         if not isinstance(engine.state.output, list):
             raise TypeError("ExplainHandler needs the decollated output: build the evaluator with decollate=True")
         explainer = self._explainer_for(getattr(engine, "network", None))
-        for item in engine.state.output:
+        for case, item in zip(case_ids(engine), engine.state.output):
             start = time.perf_counter()
+            label = item.get(CommonKeys.LABEL) if self.score else None
             with torch.inference_mode(False), torch.enable_grad():
-                result = explain_volume(
+                scored = explain_and_score(
+                    explainer.model,
                     item[CommonKeys.IMAGE].clone(),  # a normal tensor even if the run is in inference mode
+                    None if label is None else label[0].cpu().numpy() > 0,
                     explainer,
-                    axis=self.axis,
+                    case=case,
                     target=self.target,
-                    slice_batch=self.slice_batch,
+                    operating_point=self.operating_point,
+                    axis=self.axis,
                     min_probability=self.min_probability,
                     normalise=self.normalise,
+                    slice_batch=self.slice_batch,
+                    faithfulness=self.faithfulness,
                     progress=self.progress,
                 )
-            item["saliency"] = result.saliency
-            item[CommonKeys.PRED] = torch.tensor([p.probability for p in result.predictions], dtype=torch.float32)
-            item["explanation"] = result
+            item["saliency"] = scored.result.saliency
+            item[CommonKeys.PRED] = torch.as_tensor(scored.probability, dtype=torch.float32)
+            item["explanation"] = scored.result
+            if label is not None:
+                item["case_scores"] = scored
             item["explain_info"] = {
                 "method": self.method,
                 "params": explainer.param_dict(),
@@ -136,4 +163,3 @@ class ExplainHandler:
                 "normalise": self.normalise,
                 "seconds": time.perf_counter() - start,
             }
-

@@ -1,38 +1,32 @@
-"""Localisation scores of every explained case against its lesion mask: :class:`LesionScoreHandler`.
+"""Scores of every explained case against its lesion mask, merged over ranks: :class:`LesionScoreHandler`.
 
-Per case it computes what ``c2f-med explain --mask`` writes as ``scores.json``
-(:func:`c2f_med.case.score_volume`) and the per-slice rows of :mod:`c2f_med.summary`, so the
-bundle's ``evaluate.json`` writes ``summary.json`` / ``summary.md`` / ``per_case.csv`` /
-``per_slice.csv`` with the same builder and columns as ``c2f-med evaluate``. Faithfulness
-(deletion / insertion AUC) is not computed here: those keys are null (``c2f-med evaluate``
-computes them on the model's input grid).
+The scores are those :class:`~c2f_med.handlers.ExplainHandler` (``score=True``) got from
+:func:`c2f_med.case.explain_and_score`, the function ``c2f-med explain --mask`` and ``c2f-med
+evaluate`` use, so the bundle's ``evaluate.json`` writes ``summary.json`` / ``summary.md`` /
+``per_case.csv`` / ``per_slice.csv`` / ``false_alarms.csv`` with the same rows, builder and columns
+as ``c2f-med evaluate``, strata included. Deletion / insertion AUCs are null unless the explain
+handler computes them (``faithfulness``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch.distributed as dist
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from monai.utils import CommonKeys
 
 from c2f_med.atomic import write_csv
-from c2f_med.case import case_scores
 from c2f_med.handlers.explain import case_ids
-from c2f_med.metrics.localisation import threshold_mean
 from c2f_med.summary import (
-    COST_KEYS,
-    IOU_COUNT_KEYS,
+    FALSE_ALARM_HEAD,
+    PER_SLICE_HEAD,
     SCORE_KEYS,
     aggregate,
-    classifier_rows,
     classifier_scores,
-    iou_counts,
     summarise,
     write_summary,
 )
@@ -43,44 +37,39 @@ __all__ = ["LesionScoreHandler", "METRIC_KEYS", "is_rank0", "all_gather"]
 LOCALISATION_KEYS = tuple(k for k in SCORE_KEYS if k not in ("deletion_auc", "insertion_auc"))
 #: keys of ``engine.state.metrics`` set by :class:`LesionScoreHandler`
 METRIC_KEYS = (*LOCALISATION_KEYS, "miou", "slice_auroc", "slice_accuracy")
-PER_SLICE_COLUMNS = ("case", "slice", "method", "probability", *SCORE_KEYS, *COST_KEYS, *IOU_COUNT_KEYS)
 PER_CASE_COLUMNS = ("case", "method", "slices", *SCORE_KEYS, "miou", "seconds_per_slice", "forward_passes_per_slice",
                     "backward_passes_per_slice", "tolerance_voxels", *(f"volume_{k}" for k in LOCALISATION_KEYS))
 
 
 def is_rank0() -> bool:
-    """True without ``torch.distributed`` or on rank 0."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """True on rank 0 of ``ignite.distributed``'s group (and without one)."""
+    return idist.get_rank() == 0
 
 
 def all_gather(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` (``[obj]`` without ``torch.distributed``); picklable objects."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    """``[obj of rank 0, obj of rank 1, ...]`` through ``ignite.distributed`` (``[obj]`` in one process);
+    any picklable object."""
+    return [part[0] for part in idist.all_gather([obj])]
 
 
 class LesionScoreHandler:
     """Scores each case's saliency against its lesion mask (MONAI metric-handler style).
 
-    Attach it after :class:`~c2f_med.handlers.ExplainHandler`. At ``ITERATION_COMPLETED``, each
-    decollated output item with a ``"label"`` (lesion mask ``1 x X x Y x Z`` on the scan's grid)
-    gains ``"scores"``: :func:`c2f_med.case.score_volume` plus ``"tolerance_voxels"`` (the
-    pointing game's ``p / 2`` model pixels), exactly ``c2f-med explain``'s ``scores.json``. The
-    handler keeps, per lesion slice, a :mod:`c2f_med.summary` row (localisation scores, IoU counts
-    at the mean threshold, the slice's probability, the explainer's record and its cost per
-    explained slice) and, per non-background slice, a classifier row.
+    Attach it after :class:`~c2f_med.handlers.ExplainHandler` built with ``score=True``. At
+    ``ITERATION_COMPLETED``, each decollated output item with a ``"label"`` (lesion mask) gains
+    ``"scores"``, exactly ``c2f-med explain``'s ``scores.json``; the handler keeps the item's rows
+    (:class:`~c2f_med.case.CaseScores`): per lesion slice a :mod:`c2f_med.summary` row (the model's
+    probability and decision, localisation scores, IoU counts at the mean threshold, the explainer's
+    record and cost), per false alarm a saliency-mass row, per non-background slice a classifier row.
 
-    At ``EPOCH_COMPLETED`` the rows of every rank are gathered (``torch.distributed``), then
+    At ``EPOCH_COMPLETED`` the rows of every rank are gathered (``ignite.distributed``), then
 
     - ``engine.state.metrics`` gets :data:`METRIC_KEYS`: the means over the dataset's lesion slices
       (NaN-aware), the dataset mIoU, and the classifier's slice AUROC and accuracy;
     - with ``output_dir``, rank 0 alone writes ``summary.json`` and ``summary.md``
-      (:func:`c2f_med.summary.summarise`; ``deletion_auc`` / ``insertion_auc`` null) and, with
+      (:func:`c2f_med.summary.summarise`, strata by the model's decision included) and, with
       ``save_details``, ``per_case.csv`` (means over each case's lesion slices and its 3D
-      ``volume_*`` scores) and ``per_slice.csv``; each file atomically.
+      ``volume_*`` scores), ``per_slice.csv`` and ``false_alarms.csv``; each file atomically.
 
     Items without a label count in ``cases`` but are not scored.
 
@@ -113,6 +102,7 @@ class LesionScoreHandler:
         """Forget the rows of the previous epoch."""
         self.cases: list[dict[str, Any]] = []  # {"case", "method", "scores" or None}
         self.rows: list[dict[str, Any]] = []
+        self.fp_rows: list[dict[str, Any]] = []
         self.classifier: list[dict[str, Any]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -122,56 +112,45 @@ class LesionScoreHandler:
 
     def iteration_completed(self, engine: Engine) -> None:
         for case, item in zip(case_ids(engine), engine.state.output):
-            info = item["explain_info"]
-            label = item.get(CommonKeys.LABEL)
-            if label is None:
-                self.cases.append({"case": case, "method": info["method"], "scores": None})
+            method = item["explain_info"]["method"]
+            if item.get(CommonKeys.LABEL) is None:
+                self.cases.append({"case": case, "method": method, "scores": None})
                 continue
-            axis = info["axis"]
-            saliency = item["saliency"][0].numpy()  # X x Y x Z
-            mask = label[0].cpu().numpy() > 0
-            scores = case_scores(saliency, mask, axis, engine.network)
-            item["scores"] = scores
-            self.cases.append({"case": case, "method": info["method"], "scores": scores})
-            self._add_rows(case, item, saliency, mask, scores)
-
-    def _add_rows(self, case: str, item: Mapping[str, Any], saliency: np.ndarray, mask: np.ndarray,
-                  scores: Mapping[str, Any]) -> None:
-        info, result = item["explain_info"], item["explanation"]
-        axis = info["axis"]
-        classified = sum(not math.isnan(p.probability) for p in result.predictions)
-        explained = max(1, sum(p.explained for p in result.predictions))
-        cost = {"seconds": info["seconds"] / explained,
-                "forward_passes": (result.forward_passes - classified) / explained,  # the explainer's passes
-                "backward_passes": result.backward_passes / explained}
-        records = {r["index"]: {k: v for k, v in r.items() if k != "index"} for r in result.records}
-        probability = {p.index: p.probability for p in result.predictions}
-        for entry in scores["per_slice"]:
-            i = entry["slice"]
-            s, m = np.take(saliency, i, axis), np.take(mask, i, axis)
-            record = records.get(i, {})
-            self.rows.append({"case": case, "slice": i, "method": info["method"], "probability": probability[i],
-                              **{k: v for k, v in entry.items() if k != "slice"}, **cost, **record,
-                              **iou_counts(threshold_mean(s), m)})
-        self.classifier += classifier_rows(case, result.predictions, mask, axis)
+            if "case_scores" not in item:
+                raise RuntimeError("LesionScoreHandler needs the scores of ExplainHandler(score=True)")
+            scored = item["case_scores"]
+            item["scores"] = scored.scores
+            self.cases.append({"case": case, "method": method, "scores": scored.scores})
+            self.rows += scored.rows
+            self.fp_rows += scored.fp_rows
+            self.classifier += scored.classifier
 
     def epoch_completed(self, engine: Engine) -> None:
-        cases, rows, classifier = ([x for part in all_gather(v) for x in part]
-                                   for v in (self.cases, self.rows, self.classifier))
+        cases, rows, fp_rows, classifier = ([x for part in all_gather(v) for x in part]
+                                            for v in (self.cases, self.rows, self.fp_rows, self.classifier))
         cases.sort(key=lambda c: c["case"])
         rows.sort(key=lambda r: (r["case"], r["slice"]))
+        fp_rows.sort(key=lambda r: (r["case"], r["slice"]))
         means = aggregate(rows)
         engine.state.metrics.update({k: means[k] for k in METRIC_KEYS if k in means})
-        engine.state.metrics.update({k: v for k, v in classifier_scores(classifier).items() if k in METRIC_KEYS})
+        threshold = self.bundle.operating_point.threshold if self.bundle is not None else 0.5
+        engine.state.metrics.update({k: v for k, v in classifier_scores(classifier, threshold).items()
+                                     if k in METRIC_KEYS})
         if self.output_dir is None or not is_rank0():
             return
         methods = list(dict.fromkeys(c["method"] for c in cases))
         summary = summarise(rows, classifier, self.bundle, self.datalist, len(cases), methods=methods,
-                            n_boot=self.n_boot)
+                            fp_rows=fp_rows, n_boot=self.n_boot)
         write_summary(self.output_dir, summary)
         if self.save_details:
-            write_csv(self.output_dir / "per_slice.csv", rows, PER_SLICE_COLUMNS)
+            write_csv(self.output_dir / "per_slice.csv", rows, _columns(rows, PER_SLICE_HEAD))
+            write_csv(self.output_dir / "false_alarms.csv", fp_rows, _columns(fp_rows, FALSE_ALARM_HEAD))
             write_csv(self.output_dir / "per_case.csv", _per_case_rows(cases, rows), PER_CASE_COLUMNS)
+
+
+def _columns(rows: Sequence[Mapping[str, Any]], head: Sequence[str]) -> list[str]:
+    """``head`` then every other key of ``rows`` (the explainer's record), in order of appearance."""
+    return [*head, *dict.fromkeys(k for r in rows for k in r if k not in head)]
 
 
 def _per_case_rows(cases: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -26,8 +26,9 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy.ndimage import distance_transform_edt
+from scipy.ndimage import binary_fill_holes, distance_transform_edt
 from scipy.stats import rankdata
+from skimage import measure
 
 __all__ = [
     "IoUAccumulator",
@@ -35,12 +36,15 @@ __all__ = [
     "average_precision",
     "dice",
     "dice_topk",
+    "FP_KEYS",
+    "foreground_mask",
     "iou",
     "iou_topk",
     "localisation_scores",
     "pixel_auroc",
     "pointing_game",
     "relevance_mass",
+    "saliency_mass",
     "saliency_order",
     "threshold_mean",
     "topk_binarise",
@@ -310,6 +314,53 @@ def localisation_scores(saliency: ArrayLike, mask: ArrayLike, tolerance: float =
         "dice_topk": dice_topk(s, m),
         "auroc": pixel_auroc(s, m),
         "ap": average_precision(s, m),
+    }
+
+
+#: :func:`saliency_mass` keys: where a false alarm's saliency falls
+FP_KEYS = ("mass_foreground", "topk_foreground", "peak_foreground", "foreground_fraction")
+
+
+def foreground_mask(image: ArrayLike, level: float = 0.02) -> NDArray[np.bool_]:
+    """The body on a slice (or volume) in [0, 1]: the largest connected region above ``level``, holes
+    filled (so the brain inside a bright skull ring, or air in the sinuses, counts as inside).
+
+    An empty image gives an all-False mask.
+    """
+    above = np.asarray(image, dtype=np.float64) > level
+    if not above.any():
+        return above
+    labels = measure.label(above, connectivity=1)
+    largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    return binary_fill_holes(labels == largest)
+
+
+def saliency_mass(saliency: ArrayLike, foreground: ArrayLike, top: float = 0.05) -> dict[str, float]:
+    """Where the saliency of a slice without lesion falls, relative to the body's foreground.
+
+    Keys (:data:`FP_KEYS`): ``mass_foreground``, the share of the saliency mass inside the
+    foreground (an all-zero map counts as uniform); ``topk_foreground``, the share of the ``top``
+    fraction of most salient pixels (at least one) that lie inside it; ``peak_foreground``, 1.0 when
+    the maximum (first in raster order) lies inside it; ``foreground_fraction``, the foreground's
+    share of the pixels: what the first two are for a map that looks nowhere in particular.
+
+    Args:
+        saliency: float array ``>= 0``.
+        foreground: body mask (:func:`foreground_mask`), same shape.
+        top: fraction of pixels in the top-k region, in (0, 1].
+    """
+    s = _as_saliency(saliency)
+    f = _as_mask(foreground)
+    _check_shapes(s, f, "saliency", "foreground")
+    if not 0 < top <= 1:
+        raise ValueError(f"top must be in (0, 1], got {top}")
+    total = s.sum()
+    k = max(1, int(round(top * s.size)))
+    return {
+        "mass_foreground": float(s[f].sum() / total) if total > 0 else float(f.mean()),
+        "topk_foreground": float(f.ravel()[saliency_order(s)[:k]].mean()),
+        "peak_foreground": float(f.flat[np.argmax(s)]),
+        "foreground_fraction": float(f.mean()),
     }
 
 

@@ -53,6 +53,7 @@ def test_two_processes_share_the_cases(tiny_bundle, cases, tmp_path):
     # DistributedSampler: rank 0 explains case a, rank 1 case b, each once
     explained = re.findall(r"\[default(\d)\]:.* - (\w+): \d+ slices explained", logs)
     assert sorted(explained) == [("0", "a"), ("1", "b")]
-    assert {p.name for p in out.iterdir()} == {"a", "b", "summary.json", "summary.md", "per_case.csv", "per_slice.csv"}
+    assert {p.name for p in out.iterdir()} == {"a", "b", "summary.json", "summary.md", "per_case.csv", "per_slice.csv",
+                                               "false_alarms.csv"}
     summary = json.load(open(out / "summary.json"))
     assert (summary["cases"], summary["lesion_slices"]) == (2, 3)  # both ranks' cases merged

@@ -47,7 +47,7 @@ def test_evaluate_adds_the_scores(tiny_bundle, cases, tmp_path):
         meta_file=str(configs / "metadata.json"), logging_file=False, bundle_root=str(tiny_bundle),
         datalist=str(cases / "datalist.json"), output_dir=str(out), method="attention")
     assert {p.name for p in out.iterdir()} == {"a", "b", "summary.json", "summary.md", "per_case.csv",
-                                               "per_slice.csv"}
+                                               "per_slice.csv", "false_alarms.csv"}
     assert (out / "a" / "scores.json").exists() and not (out / "b" / "scores.json").exists()
     summary = json.load(open(out / "summary.json"))
     assert summary["datalist"] == str(cases / "datalist.json")

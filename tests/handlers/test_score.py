@@ -21,7 +21,8 @@ def _floats(rows, key):
 
 def test_scores_match_explain_case(evaluate, bundle, cases, tmp_path):
     out = tmp_path / "run"
-    items, evaluator = evaluate([ExplainHandler("gae"), LesionScoreHandler(out, bundle, cases / "datalist.json")])
+    items, evaluator = evaluate([ExplainHandler("gae", score=True),
+                                 LesionScoreHandler(out, bundle, cases / "datalist.json")])
     a, b = items
     assert "scores" not in b  # no mask, not scored
     cli = explain_case(bundle, cases / "images" / "a.nii.gz", tmp_path / "cli", mask=cases / "labels" / "a.nii.gz",
@@ -45,10 +46,20 @@ def test_scores_match_explain_case(evaluate, bundle, cases, tmp_path):
     assert summary["classifier"]["lesions"] == 1  # case a's one lesion, cut by slices 1-3
     method = summary["methods"]["gae"]
     assert set(CONTRACT_KEYS) <= set(method)
-    assert method["deletion_auc"] is None and method["insertion_auc"] is None  # c2f-med evaluate's job
+    assert method["deletion_auc"] is None and method["insertion_auc"] is None  # faithfulness not asked for
     assert method["slices"] == 3
     assert method["forward_passes_per_slice"] == 1 and method["backward_passes_per_slice"] == 1  # GAE: one each
     assert (out / "summary.md").read_text().startswith("# Explanation scores")
+    # the model's decision at the default operating point splits the lesion slices, as in c2f-med evaluate
+    assert summary["operating_point"] == {"threshold": 0.5, "source": "default"}
+    positive = [float(r["probability"]) >= 0.5 for r in rows]
+    assert [r["stratum"] for r in rows] == ["tp" if p else "fn" for p in positive]
+    assert summary["strata"]["tp"]["slices"] == sum(positive) and summary["strata"]["fn"]["slices"] == 3 - sum(
+        positive)
+    assert summary["lesions"]["gae"]["lesions"] == 1
+    alarms = list(csv.DictReader(open(out / "false_alarms.csv")))
+    assert summary["strata"]["fp"]["slices"] == len(alarms)
+    assert all(float(r["probability"]) >= 0.5 and r["case"] == "a" for r in alarms)
 
     per_case = list(csv.DictReader(open(out / "per_case.csv")))
     assert [r["case"] for r in per_case] == ["a"]
@@ -58,7 +69,7 @@ def test_scores_match_explain_case(evaluate, bundle, cases, tmp_path):
 
 def test_each_run_starts_afresh(evaluate, bundle, cases, tmp_path):
     handler = LesionScoreHandler(tmp_path, bundle, save_details=False)
-    _, evaluator = evaluate([ExplainHandler("rollout"), handler])
+    _, evaluator = evaluate([ExplainHandler("rollout", score=True), handler])
     first = dict(evaluator.state.metrics)
     evaluator.run()
     assert len(handler.rows) == 3 and evaluator.state.metrics == pytest.approx(first, nan_ok=True)
@@ -66,10 +77,22 @@ def test_each_run_starts_afresh(evaluate, bundle, cases, tmp_path):
 
 
 def test_metrics_only_without_output_dir(evaluate):
-    _, evaluator = evaluate([ExplainHandler("rollout"), LesionScoreHandler()])
+    _, evaluator = evaluate([ExplainHandler("rollout", score=True), LesionScoreHandler()])
     assert 0 <= evaluator.state.metrics["ap"] <= 1
     with pytest.raises(ValueError, match="bundle"):
         LesionScoreHandler("somewhere")
+
+
+def test_faithfulness_on_request(evaluate, bundle):
+    items, _ = evaluate([ExplainHandler("rollout", score=True, faithfulness=True)])
+    rows = items[0]["case_scores"].rows
+    assert len(rows) == 3 and all(0 <= r["deletion_auc"] <= 1 and 0 <= r["insertion_auc"] <= 1 for r in rows)
+    assert "case_scores" not in items[1]  # no mask, nothing scored
+
+
+def test_needs_the_explain_handlers_scores(evaluate, bundle):
+    with pytest.raises(RuntimeError, match="score=True"):
+        evaluate([ExplainHandler("rollout"), LesionScoreHandler()])
 
 
 def test_single_process_gather():

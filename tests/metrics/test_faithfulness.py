@@ -14,6 +14,7 @@ from c2f_med.metrics.faithfulness import (
     negative_perturbation_auc,
     perturbation_curve,
     positive_perturbation_auc,
+    road_impute,
 )
 
 H, W = 16, 12
@@ -140,6 +141,8 @@ def test_invalid_arguments(image, good_saliency):
         perturbation_curve(image, good_saliency, region_mean_predict, mode="erase")
     with pytest.raises(ValueError, match="baseline"):
         perturbation_curve(image, good_saliency, region_mean_predict, baseline="noise")
+    with pytest.raises(ValueError, match="C x H x W"):
+        perturbation_curve(image[:, :, None], good_saliency[:, None], region_mean_predict, baseline="road")
     with pytest.raises(ValueError, match="returned"):
         perturbation_curve(image, good_saliency, lambda b: torch.zeros(1), steps=4)
 
@@ -149,3 +152,81 @@ def test_auc_trapezoid():
     assert auc([0.0, 0.5, 1.0], [1.0, 1.0, 0.0]) == pytest.approx(0.75)
     with pytest.raises(ValueError, match="shape"):
         auc([0.0, 1.0], [1.0])
+
+
+def test_road_keeps_kept_pixels_and_continues_smooth_images():
+    rng = np.random.default_rng(0)
+    g = np.linspace(0, 1, 20)
+    ramp = np.stack([g[:, None] + 2 * g[None, :], np.full((20, 20), 3.0)])  # 2 channels: a plane and a constant
+    keep = rng.random((20, 20)) > 0.6
+    keep[[0, -1], :] = keep[:, [0, -1]] = True  # the border known
+    filled = road_impute(ramp, keep, noise_std=0.0)
+    np.testing.assert_array_equal(filled[:, keep], ramp[:, keep])
+    # a linear ramp is harmonic: inside a known border the 8-neighbour mean reproduces it (up to the tiny
+    # pull towards the mean)
+    np.testing.assert_allclose(filled, ramp, atol=2e-3)
+    noisy = road_impute(ramp, keep, noise_std=0.5, rng=np.random.default_rng(1))
+    assert 0.4 < np.std(noisy[1, ~keep] - 3.0) < 0.6 and np.array_equal(noisy[:, keep], ramp[:, keep])
+    np.testing.assert_allclose(road_impute(ramp, np.zeros((20, 20), bool), 0.0)[1], 3.0)  # nothing kept: the mean
+    with pytest.raises(ValueError, match="C x H x W"):
+        road_impute(ramp[0], keep)
+
+
+def test_road_curves_fill_from_the_kept_pixels(image, good_saliency):
+    fractions, deletion = perturbation_curve(image, good_saliency, region_mean_predict, baseline="road", steps=4,
+                                             noise_std=0.0)
+    _, insertion = perturbation_curve(image, good_saliency, region_mean_predict, mode="insertion", baseline="road",
+                                      steps=4, noise_std=0.0)
+    assert deletion[0] == pytest.approx(region_mean_predict(image[None]).item())
+    assert insertion[-1] == pytest.approx(deletion[0])
+    mean = region_mean_predict(torch.full_like(image, image.mean().item())[None]).item()
+    assert deletion[-1] == pytest.approx(mean) and insertion[0] == pytest.approx(mean)
+
+
+@pytest.fixture(scope="module")
+def committed_lesion_slices():
+    """The committed model and four lesion slices of fresh synthetic scans it calls positive (p > 0.8), at most
+    two per scan."""
+    from c2f_med.io.transforms import MRPercentileNorm
+    from c2f_med.models.bundle import DEFAULT_BUNDLE, load_bundle
+    from c2f_med.models.train import slice_dataset
+    from c2f_med.synth.dataset import synth_case
+
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    picked = []
+    for index in range(10):
+        case = synth_case(101, index)  # a seed never used for training or validation
+        image = MRPercentileNorm()(torch.from_numpy(case.image.astype(np.float32))[None])[0]
+        x, y, _, _ = slice_dataset(torch.as_tensor(image), torch.from_numpy(case.label), bundle.model.input_size[0])
+        with torch.inference_mode():
+            p = torch.softmax(bundle.model(x), 1)[:, bundle.lesion_class]
+        chosen = torch.nonzero((y > 0) & (p > 0.8)).ravel()
+        if chosen.numel():
+            picked += [x[i] for i in chosen[[chosen.numel() // 3, 2 * chosen.numel() // 3]].unique()]
+        if len(picked) >= 4:
+            break
+    assert len(picked) >= 4
+    return bundle, torch.stack(picked[:4])
+
+
+@pytest.mark.slow
+def test_road_fill_deleting_random_pixels_leaves_the_lesion_probability_unchanged(committed_lesion_slices):
+    """Deleting 10-50 % of the pixels in random order should not change what the model sees on average.
+    With ROAD's linear imputation it does not; filling with zeros (RISE's deletion baseline) or a blur
+    changes the probability by a lot, so the test can tell the fills apart."""
+    bundle, slices = committed_lesion_slices
+
+    def predict(batch):
+        return torch.softmax(bundle.model(batch), 1)[:, bundle.lesion_class]
+
+    change = {}
+    for fill in ("road", "zero", "blur"):
+        rng = np.random.default_rng(0)
+        curves = []
+        for x in slices:
+            for _ in range(2):
+                _, p = perturbation_curve(x, rng.random(x.shape[-2:]), predict, baseline=fill, steps=10, noise_std=0.0)
+                curves.append(p[1:6] - p[0])  # 10 % ... 50 % deleted
+        change[fill] = float(np.mean(curves))
+    assert abs(change["road"]) < 0.03, change
+    assert change["zero"] < -0.1 and change["blur"] < -0.1, change
