@@ -141,7 +141,8 @@ def write_case(folder: Path, name: str, shape, lesion, date: str) -> tuple[Path,
 def make_seg(sources: list[pydicom.Dataset], masks: list[np.ndarray], labels: tuple[str, ...], number: int):
     """A binary SEG (highdicom) of ``masks`` (each slices x rows x columns, in ``sources`` order)."""
     descriptions = [hd.seg.SegmentDescription(
-        segment_number=i + 1, segment_label=label, segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segment_number=i + 1, segment_label=label,
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
         for i, label in enumerate(labels)]
     pixels = np.stack(masks, axis=-1).astype(np.uint8)
@@ -158,7 +159,7 @@ def orthanc(tmp_path_factory):
     """A running :class:`OrthancServer` loaded with :data:`CASES`; yields ``(server, {name: Study})``."""
     binary, plugin = _binary(), _plugin()
     if binary is None or plugin is None:
-        pytest.skip("Orthanc or its DICOMweb plugin is not installed (Debian: apt-get install orthanc orthanc-dicomweb)")
+        pytest.skip("Orthanc or its DICOMweb plugin is not installed (Debian packages orthanc, orthanc-dicomweb)")
     from dicomweb_client.api import DICOMwebClient
 
     folder = tmp_path_factory.mktemp("orthanc")
