@@ -3,7 +3,8 @@
 The session fixture :func:`orthanc` writes an Orthanc configuration (a free 127.0.0.1 port, no DICOM
 port, storage in a temporary folder, HTTP basic authentication with a test user), starts the
 server, waits for it (at most :data:`START_TIMEOUT` seconds), uploads the studies of :data:`CASES`
-(c2f_med's DICOM series writer) and a DICOM SEG of each lesion (highdicom), and stops the server at
+(c2f_med's DICOM series writer), a DICOM SEG of each lesion (highdicom) and, for one, an RTSTRUCT
+as well, and stops the server at
 the end. Tests are skipped, with the reason, only where the Orthanc binary or its DICOMweb plugin
 is not installed (Debian packages ``orthanc`` and ``orthanc-dicomweb``).
 """
@@ -154,6 +155,55 @@ def make_seg(sources: list[pydicom.Dataset], masks: list[np.ndarray], labels: tu
         series_description=f"annotation {number}")
 
 
+def make_rtstruct(sources: list[pydicom.Dataset], roi_name: str) -> pydicom.Dataset:
+    """A minimal RT Structure Set referencing the series of ``sources``: one closed square contour
+    on the middle slice, ROI 1 named ``roi_name`` (what the server search needs, not a full contour set)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+
+    first, middle = sources[0], sources[len(sources) // 2]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = RTStructureSetStorage, generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+        setattr(ds, keyword, getattr(first, keyword))
+    ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), 60
+    ds.SeriesDescription, ds.StructureSetLabel, ds.Manufacturer = "contours", "contours", "c2f_med tests"
+    ds.StructureSetDate, ds.StructureSetTime, ds.OperatorsName = first.StudyDate, "000000", ""
+    image = Dataset()
+    image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = middle.SOPClassUID, middle.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID, series.ContourImageSequence = first.SeriesInstanceUID, [image]
+    study = Dataset()
+    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired, as customary)
+    study.ReferencedSOPInstanceUID, study.RTReferencedSeriesSequence = first.StudyInstanceUID, [series]
+    frame = Dataset()
+    frame.FrameOfReferenceUID, frame.RTReferencedStudySequence = first.FrameOfReferenceUID, [study]
+    ds.ReferencedFrameOfReferenceSequence = [frame]
+    roi = Dataset()
+    roi.ROINumber, roi.ReferencedFrameOfReferenceUID = 1, first.FrameOfReferenceUID
+    roi.ROIName, roi.ROIGenerationAlgorithm = roi_name, "MANUAL"
+    ds.StructureSetROISequence = [roi]
+    x, y, z = (float(v) for v in middle.ImagePositionPatient)
+    contour = Dataset()
+    contour.ContourGeometricType, contour.NumberOfContourPoints = "CLOSED_PLANAR", 4
+    contour.ContourData = [x, y, z, x + 6, y, z, x + 6, y + 6, z, x, y + 6, z]
+    contour.ContourImageSequence = [image]
+    roi_contour = Dataset()
+    roi_contour.ReferencedROINumber, roi_contour.ROIDisplayColor = 1, [255, 0, 0]
+    roi_contour.ContourSequence = [contour]
+    ds.ROIContourSequence = [roi_contour]
+    observation = Dataset()
+    observation.ObservationNumber, observation.ReferencedROINumber = 1, 1
+    observation.RTROIInterpretedType, observation.ROIInterpreter = "ORGAN", ""
+    ds.RTROIObservationsSequence = [observation]
+    return ds
+
+
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory):
     """A running :class:`OrthancServer` loaded with :data:`CASES`; yields ``(server, {name: Study})``."""
@@ -178,6 +228,8 @@ def orthanc(tmp_path_factory):
             extra[len(extra) // 2][:3, :3] = True  # a second, different segment for the selection tests
             seg = make_seg(sources, [np.stack(planes)] + ([np.stack(extra)] if len(labels) > 1 else []), labels, 1)
             client.store_instances([seg])
+            if name == "pacs_old":  # an RTSTRUCT as well: two kinds of annotation to choose from
+                client.store_instances([make_rtstruct(sources, "GTV")])
             study = Study(name, f"{server.root}/studies/{sources[0].StudyInstanceUID}/series/"
                                 f"{sources[0].SeriesInstanceUID}", sources[0].StudyInstanceUID,
                           sources[0].SeriesInstanceUID, series, mask, [seg.SeriesInstanceUID])

@@ -42,7 +42,7 @@ def test_retrieved_series_reads_like_the_local_one_and_leaves_the_cache(orthanc,
     assert not any((tmp_path / "cache").iterdir())  # a finished study is not kept
 
 
-def test_server_seg_is_the_mask_and_several_must_be_chosen(orthanc, credentials, tmp_path):
+def test_server_annotations_found_chosen_and_used_as_the_mask(orthanc, credentials, tmp_path):
     server, studies = orthanc
     client = connect(server.root)
     found = find_annotations(client, SeriesRef.parse(studies["pacs_b"].url))
@@ -53,6 +53,14 @@ def test_server_seg_is_the_mask_and_several_must_be_chosen(orthanc, credentials,
     assert choose(found, studies["pacs_b"].url, segment=f"{found[0].series}:1")[1] == 1
     with pytest.raises(InputError, match="no annotation matches --segment 7"):
         choose(found, studies["pacs_b"].url, segment="7")
+
+    both = find_annotations(client, SeriesRef.parse(studies["pacs_old"].url))
+    assert [(a.modality, a.labels) for a in both] == [("RTSTRUCT", ((1, "GTV"),)), ("SEG", ((1, "lesion"),))]
+    with pytest.raises(InputError, match="2 segments / ROIs") as err:
+        choose(both, studies["pacs_old"].url)
+    assert "RTSTRUCT" in str(err.value) and "'GTV'" in str(err.value)
+    assert choose(both, studies["pacs_old"].url, roi="GTV")[0].modality == "RTSTRUCT"
+    assert choose(both, studies["pacs_old"].url, segment="lesion")[0].modality == "SEG"
 
     case = studies["pacs_a"]
     source = RemoteSource(DicomWebOptions(cache=tmp_path / "cache", annotations=True))
