@@ -2,8 +2,8 @@
 
 Layout::
 
-    CACHE/<StudyInstanceUID>/<SeriesInstanceUID>/image/<SOPInstanceUID>.dcm   the series, read as a local folder
-    CACHE/<StudyInstanceUID>/<SeriesInstanceUID>/annotation/...               the SEG / RTSTRUCT used as its mask
+    CACHE/<StudyInstanceUID>/<SeriesInstanceUID>/image/00000.dcm, ...   the series, read as a local folder
+    CACHE/<StudyInstanceUID>/<SeriesInstanceUID>/annotation/...         the SEG / RTSTRUCT used as its mask
 
 A series folder appears complete or not at all (written to a hidden sibling and renamed), so a
 killed run leaves no half series; a rerun finds complete series and does not retrieve them again.
@@ -13,6 +13,7 @@ finished series (and its study folder once empty) unless the cache was asked to 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -58,7 +59,13 @@ def parse_size(text: str) -> int:
 
 
 def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    """Bytes of the files under ``folder``; files that vanish meanwhile (another thread's temporary
+    folder being renamed or removed) count 0."""
+    total = 0
+    for file in folder.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            total += file.stat().st_size if file.is_file() else 0
+    return total
 
 
 class SeriesCache:
@@ -96,12 +103,13 @@ class SeriesCache:
                 os.utime(folder)
 
     def store(self, ref: SeriesRef, part: str, datasets: Iterable[Dataset]) -> Path:
-        """Write ``datasets`` as ``<series>/<part>/<SOPInstanceUID>.dcm`` (the part replaced atomically),
-        then evict down to the limit; returns the part's folder. The series should be pinned."""
+        """Write ``datasets`` as ``<series>/<part>/00000.dcm, 00001.dcm, ...`` in the order given (the part
+        replaced atomically), then evict down to the limit; returns the part's folder. The series should
+        be pinned."""
         target = self.folder(ref) / part
         with atomic_dir(target) as tmp:
-            for ds in datasets:
-                ds.save_as(tmp / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            for k, ds in enumerate(datasets):
+                ds.save_as(tmp / f"{k:05d}.dcm", enforce_file_format=True)
         os.utime(self.folder(ref))
         self.evict()
         return target
@@ -121,7 +129,10 @@ class SeriesCache:
     def evict(self) -> list[Path]:
         """Remove unpinned series, least recently used first, until the cache fits its limit; returns them."""
         with self._lock:
-            entries = [(f.stat().st_mtime, f, _size(f)) for f in self.root.glob("*/*") if f.is_dir()]
+            entries = []
+            for folder in self.root.glob("*/*"):
+                with contextlib.suppress(FileNotFoundError):
+                    entries.append((folder.stat().st_mtime, folder, _size(folder)))
             total = sum(size for _, _, size in entries)
             removed = []
             for _, folder, size in sorted(entries, key=lambda e: e[0]):
@@ -143,6 +154,6 @@ class SeriesCache:
 
     def _remove(self, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
-        study = folder.parent
-        if study.is_dir() and not any(study.iterdir()):
+        study = folder.parent  # removed once empty, unless another series of it is on its way in
+        if study.is_dir() and not any(study.iterdir()) and not any(p.parent == study for p in self._pinned):
             study.rmdir()

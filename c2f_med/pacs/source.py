@@ -101,10 +101,9 @@ class RemoteSource:
         url = f"{ref.root}/studies/{ref.study}/series/{annotation.series}"
         with server_call(url, "retrieving the annotation (WADO-RS)"):
             ds = client.retrieve_instance(ref.study, annotation.series, annotation.instance)
-        folder = self.cache.store(ref, ANNOTATION, [ds])
-        file = folder / f"{ds.SOPInstanceUID}.dcm"
+        file = self.cache.store(ref, ANNOTATION, [ds]) / "00000.dcm"
         if annotation.modality == "SEG":
-            return seg_mask_series(file, sorted(image.iterdir()), number, folder / "mask") or file
+            return seg_mask_series(file, sorted(image.iterdir()), number, file.parent / "mask") or file
         return file
 
     def store(self, fetched: Fetched, case_folder: Path, method: str, bundle) -> dict[str, int]:

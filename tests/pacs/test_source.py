@@ -72,12 +72,13 @@ def test_server_annotations_found_chosen_and_used_as_the_mask(orthanc, credentia
     source.release(fetched)
 
 
-def _result_instances(server, case) -> dict[str, list[str]]:
+def _result_instances(server, case, method: str) -> dict[str, list[str]]:
+    """``{series UID: [SOP instance UIDs]}`` of ``method``'s result series in ``case``'s study."""
     client = connect(server.root)
     out = {}
     for s in client.search_for_series(case.study, fields=["SeriesDescription"]):
         description = str((s.get("0008103E") or {}).get("Value", [""])[0])
-        if description.startswith("c2f_med saliency"):
+        if description.startswith(f"c2f_med saliency, method {method},"):
             series = s["0020000E"]["Value"][0]
             out[series] = [i["00080018"]["Value"][0] for i in client.search_for_instances(case.study, series)]
     return out
@@ -93,7 +94,7 @@ def test_explain_stores_results_once(orthanc, credentials, tmp_path, tiny_bundle
     folder = tmp_path / "first" / case.series
     scores = json.loads((folder / "scores.json").read_text())
     assert scores["lesion_slices"] == int(case.mask.any(axis=(0, 1)).sum())
-    stored = _result_instances(server, case)
+    stored = _result_instances(server, case, "rollout")
     assert len(stored) == 1 and all(len(v) == 1 for v in stored.values())
     series = next(iter(stored))
     model_sha = json.loads((folder / "provenance.json").read_text())["bundle"]["sha256"]
@@ -101,7 +102,7 @@ def test_explain_stores_results_once(orthanc, credentials, tmp_path, tiny_bundle
     assert series == result_series_uid(case.series, "rollout", model_sha, f".|{parametric_map}")
     assert main([*args, "--out", str(tmp_path / "second")]) == 0  # a rerun: nothing new on the server
     assert "stored 0 result instance(s) into the study (1 already there)" in capsys.readouterr().out
-    assert _result_instances(server, case) == stored
+    assert _result_instances(server, case, "rollout") == stored
     for file in [*(tmp_path / "first").rglob("*.json"), *(tmp_path / "second").rglob("*.json")]:
         assert PASSWORD not in file.read_text()
     assert not any((tmp_path / "cache").iterdir())
