@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 import c2f_med.audit
 from c2f_med.audit import read_ledger
 from c2f_med.cli import main
@@ -26,6 +28,7 @@ def _results(server, studies) -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.slow
 def test_audit_over_a_query_survives_a_server_restart(orthanc, credentials, tmp_path, tiny_bundle, monkeypatch):
     server, studies = orthanc
     out, cache = tmp_path / "audit", tmp_path / "cache"
