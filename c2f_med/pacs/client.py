@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import stat
@@ -123,8 +124,6 @@ def _credentials_file(path: str) -> dict[str, str]:
     if not isinstance(content, dict) or not ({"token"} <= content.keys() or {"username", "password"} <= content.keys()):
         raise InputError(file, 'credentials file needs "token", or "username" and "password"')
     if os.name == "posix" and file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        import logging
-
         logging.getLogger(__name__).warning("%s: credentials file readable by others (chmod 600 it)", file)
     return {k: str(v) for k, v in content.items()}
 
@@ -165,6 +164,7 @@ def connect(root: str, session: requests.Session | None = None) -> DICOMwebClien
 
     HTTP 429 / 503 / 504 answers are retried twice with a short back-off; connection failures are not.
     """
+    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)  # one INFO line per request otherwise
     client = DICOMwebClient(check_root(root), session=session or session_from_environment(), timeout=TIMEOUT)
     client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=250)
     return client
