@@ -80,6 +80,7 @@ from c2f_med.explain import create
 from c2f_med.handlers.score import all_gather
 from c2f_med.io.manifest import read_datalist
 from c2f_med.models.bundle import Bundle, load_bundle
+from c2f_med.pacs.source import DicomWebOptions, RemoteInputs, remote_inputs
 from c2f_med.provenance import input_hash, provenance
 from c2f_med.report import write_report
 from c2f_med.summary import FALSE_ALARM_HEAD, PER_SLICE_HEAD, aggregate, classifier_scores, summarise, write_summary
@@ -194,13 +195,15 @@ def _record_means(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.PathLike, method: str,
-               params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               params: Mapping[str, Any] | None = None, remote: RemoteInputs | None = None) -> dict[str, Any]:
     """Explain, score and record one datalist item (``{"image", "label" (optional), "case_id"}``).
 
     Never raises for a bad case: the returned ledger record has ``status`` "failed" and the
-    ``error`` on one line. A done record holds ``rows`` (per-slice score rows, :mod:`c2f_med.summary`;
-    empty without a mask), ``fp_rows`` (false alarms), ``classifier`` rows, ``explain`` (``explain_case``'s
-    counts), ``records`` (:func:`_record_means`), ``inputs`` (paths and sha256), ``seed`` and ``seconds``.
+    ``error`` on one line. ``remote`` resolves an item whose image is a DICOMweb series URL to its
+    cached copy (a failed retrieval fails the case) and stores the results back after it. A done record
+    holds ``rows`` (per-slice score rows, :mod:`c2f_med.summary`; empty without a mask), ``fp_rows`` (false
+    alarms), ``classifier`` rows, ``explain`` (``explain_case``'s counts), ``records`` (:func:`_record_means`),
+    ``inputs`` (paths and sha256), ``seed`` and ``seconds``.
     """
     case = item["case_id"]
     seed = case_seed(case)
@@ -209,6 +212,8 @@ def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.Path
     start = time.perf_counter()
     try:
         set_determinism(seed)
+        if remote is not None:  # DICOMweb: the cached series (and the server's mask)
+            item = remote.resolve(item)
         result = explain_case(bundle, item["image"], cases_dir, mask=item.get("label"), method=method, params=params,
                               case_id=case, faithfulness=True, progress=False)
         scored = result.scored if "label" in item else None
@@ -220,6 +225,8 @@ def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.Path
             rows=scored.rows if scored else [], fp_rows=scored.fp_rows if scored else [],
             classifier=scored.classifier if scored else [],
             inputs=json.loads((result.folder / "provenance.json").read_text())["inputs"])
+        if remote is not None:  # DICOMweb: retrieve seconds next to explain seconds, results stored back
+            record["explain"].update(remote.finish(item, result.folder, method, bundle))
     except Exception as exc:  # noqa: BLE001 - a failing case is recorded, the cohort goes on
         err = find_input_error(exc)
         message = str(err) if err else f"{type(exc).__name__}: {exc}"
@@ -392,6 +399,7 @@ def run_audit(
     section: str = "testing",
     device: str = "cpu",
     progress: bool = True,
+    dicomweb: DicomWebOptions | None = None,
 ) -> dict[str, Any] | None:
     """Audit every case of ``datalist[section]`` into ``out`` (module docstring); resumable.
 
@@ -406,6 +414,7 @@ def run_audit(
         section: datalist section.
         device: torch device ("cuda" under torchrun: each rank takes ``cuda:<LOCAL_RANK>``).
         progress: show a progress bar over rank 0's cases.
+        dicomweb: cache, annotations and storing for items that are DICOMweb series URLs (:mod:`c2f_med.pacs`).
 
     Returns:
         On rank 0 the ``summary.json`` dict; ``None`` on the other ranks.
@@ -443,13 +452,15 @@ def run_audit(
         ledger = Ledger(out / LEDGER / f"rank{rank:03d}.jsonl")
         host, loop_start, failed = socket.gethostname(), time.perf_counter(), 0
         desc = f"audit {method}" + (f" (rank 0 of {world})" if world > 1 else "")
-        for item in tqdm(share, desc=desc, unit="case", disable=not progress or rank != 0):
-            record = audit_case(bundle, item, out / CASES, method, params)
-            record.update(rank=rank, host=host)
-            ledger.append(record)
-            failed += record["status"] == "failed"
+        # DICOMweb items: the next series is retrieved in the background while this one is explained
+        with remote_inputs(share, dicomweb, rank if world > 1 else None) as remote:
+            for item in tqdm(share, desc=desc, unit="case", disable=not progress or rank != 0):
+                record = audit_case(bundle, item, out / CASES, method, params, remote=remote)
+                record.update(rank=rank, host=host)
+                ledger.append(record)
+                failed += record["status"] == "failed"
         ranks = all_gather({"rank": rank, "host": host, "device": str(device), "cases": len(share), "failed": failed,
-                         "seconds": time.perf_counter() - loop_start, "torch_threads": torch.get_num_threads()})
+                            "seconds": time.perf_counter() - loop_start, "torch_threads": torch.get_num_threads()})
         if rank != 0:
             return None
         summary = _merge(out, plan, bundle, datalist, method, section, ranks, time.perf_counter() - start)

@@ -59,13 +59,16 @@ def _train(a: argparse.Namespace) -> None:
 def _explain(a: argparse.Namespace) -> None:
     from c2f_med.case import explain_case
     from c2f_med.models.bundle import load_bundle
+    from c2f_med.pacs.cli import explain_input
 
-    check_output(a.out, [a.input, a.mask])
-    bundle = load_bundle(a.bundle, a.device)
-    result = explain_case(bundle, a.input, a.out, mask=a.mask, method=a.method,
-                          params=parse_params(a.param).get(a.method), axis=a.axis,
-                          min_probability=a.min_probability, normalise=a.normalise, series_uid=a.series_uid,
-                          deidentify=a.deidentify)
+    with explain_input(a) as source:  # a DICOMweb series URL: its cached copy (and --mask server); else the files
+        check_output(a.out, [source.image, source.mask])
+        bundle = load_bundle(a.bundle, a.device)
+        result = explain_case(bundle, source.image, a.out, mask=source.mask, method=a.method,
+                              params=parse_params(a.param).get(a.method), axis=a.axis,
+                              min_probability=a.min_probability, normalise=a.normalise, series_uid=a.series_uid,
+                              deidentify=a.deidentify, case_id=source.case_id)
+        source.finish(result.folder, a.method, bundle)  # --store-results: STOW-RS the DICOM exports
     print(f"{result.case_id}: {result.explained_slices} slices explained in {result.seconds:.1f} s -> {result.folder}")
 
 
@@ -97,10 +100,12 @@ def _bench(a: argparse.Namespace) -> None:
 
 def _audit(a: argparse.Namespace) -> None:
     from c2f_med.audit import run_audit
+    from c2f_med.pacs.cli import audit_datalist, options_from_args
 
     check_output(a.out, [a.datalist])
-    run_audit(a.bundle, a.datalist, a.out, method=a.method, params=parse_params(a.param).get(a.method),
-              section=a.section, device=a.device)
+    datalist = audit_datalist(a)  # --dicomweb: the QIDO-RS query's series, as a datalist of URLs in OUT
+    run_audit(a.bundle, datalist, a.out, method=a.method, params=parse_params(a.param).get(a.method),
+              section=a.section, device=a.device, dicomweb=options_from_args(a))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     from c2f_med.models import DEFAULT_BUNDLE
+    from c2f_med.pacs.cli import add_audit_arguments, add_explain_arguments, input_path
     from c2f_med.synth.lesions import HELD_OUT_SHAPES, SHAPES
 
     def bundle_args(s: argparse.ArgumentParser) -> None:
@@ -147,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("explain", help="saliency volume, overlay, predictions (and scores) for one scan")
     bundle_args(e)
-    e.add_argument("--input", required=True, type=Path, help="NIfTI/MHA/NRRD file, DICOM folder or DICOM file")
+    e.add_argument("--input", required=True, type=input_path,
+                   help="NIfTI/MHA/NRRD file, DICOM folder or DICOM file, or a DICOMweb series URL")
     e.add_argument("--mask", type=Path, help="lesion mask on the scan's grid (adds scores.json)")
     e.add_argument("--method", default="c2f")
     e.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
@@ -156,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--normalise", choices=("slice", "volume"), default="slice")
     e.add_argument("--series-uid", help="SeriesInstanceUID, for a folder holding several series")
     e.add_argument("--deidentify", action="store_true", help="strip patient identifiers from DICOM outputs")
+    add_explain_arguments(e)
     e.set_defaults(func=_explain)
 
     v = sub.add_parser("evaluate", help="score explanation methods against lesion masks over a datalist")
@@ -193,10 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("audit", help="resumable cohort run (torchrun for several processes)")
     bundle_args(u)
-    u.add_argument("--datalist", required=True, type=Path)
+    u.add_argument("--datalist", type=Path, help="datalist JSON (or --dicomweb)")
     u.add_argument("--out", required=True, type=Path)
     u.add_argument("--method", default="c2f")
     u.add_argument("--section", default="testing")
+    add_audit_arguments(u)
     u.set_defaults(func=_audit)
     return p
 

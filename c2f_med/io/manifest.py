@@ -7,7 +7,9 @@ A datalist is a JSON file::
      "validation": [...],
      "testing":    [{"image": "dicom/case_001"}, ...]}
 
-Paths are relative to the datalist's folder; "label" (the lesion mask) is optional. Reading uses
+Paths are relative to the datalist's folder; "label" (the lesion mask) is optional. An "image" may
+also be a DICOMweb series URL, ``{root}/studies/{StudyInstanceUID}/series/{SeriesInstanceUID}``
+(see :mod:`c2f_med.pacs`). Reading uses
 ``monai.data.load_decathlon_datalist``.
 """
 
@@ -70,6 +72,7 @@ def read_datalist(datalist: str | os.PathLike | None, section: str = "testing", 
         raise InputError(path, f'no "{section}" list in this datalist') from err
     except TypeError as err:  # an item is not an object
         raise InputError(path, f'"{section}" items must be objects like {{"image": path, "label": path}}') from err
+    _keep_urls(path, section, items)
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
         where = f"{section}[{index}]"
@@ -81,7 +84,7 @@ def read_datalist(datalist: str | os.PathLike | None, section: str = "testing", 
         seen[case] = index
         if check_files:
             for key in PATH_KEYS:
-                if key in item and not os.path.exists(item[key]):
+                if key in item and not _is_url(item[key]) and not os.path.exists(item[key]):
                     raise InputError(path, f"{where} ({case}): {key} not found: {item[key]}")
     return items
 
@@ -117,6 +120,20 @@ def scan_items(
         if key in item and not os.path.exists(item[key]):
             raise InputError(item[key], f"{key} not found")
     return [item]
+
+
+def _is_url(value: object) -> bool:
+    return isinstance(value, str) and value.lower().startswith(("http://", "https://"))
+
+
+def _keep_urls(path: Path, section: str, items: list[dict]) -> None:
+    """Put back the DICOMweb series URLs (``http(s)://...``) of ``items`` as the datalist gives them (MONAI
+    joins every "image" / "label" to the datalist's folder)."""
+    given = json.loads(path.read_text()).get(section, [])
+    for item, raw in zip(items, given):
+        for key in PATH_KEYS:
+            if isinstance(raw, dict) and _is_url(raw.get(key)):
+                item[key] = raw[key]
 
 
 def write_datalist(
