@@ -188,8 +188,8 @@ def _input_hashes(item: Mapping[str, Any]) -> dict[str, Any]:
 def _record_means(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """``{"record_<field>": mean}`` of the explainer's numeric per-slice record fields over the explained
     slices (C2F: K, pos1, neg1, bnd1, ..., forward_passes)."""
-    keys = dict.fromkeys(k for r in records for k, v in r.items()
-                         if k != "index" and isinstance(v, (int, float)) and not isinstance(v, bool))
+    keys = dict.fromkeys(k for r in records for k, v in r.items()  # wall time: in seconds_per_slice
+                         if k not in ("index", "seconds") and isinstance(v, (int, float)) and not isinstance(v, bool))
     return {f"record_{k}": float(np.mean([r[k] for r in records if isinstance(r.get(k), (int, float))]))
             for k in keys}
 

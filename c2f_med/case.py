@@ -7,7 +7,7 @@ explained once. :func:`explain_case` adds the case folder::
 
     OUT/<case>/saliency.nii.gz   float32 saliency on the input file's own grid and affine
     OUT/<case>/overlay.png       montage: scan, lesion contour, saliency heat map, colour bar
-    OUT/<case>/predictions.csv   slice, probability, explained
+    OUT/<case>/predictions.csv   slice, probability (calibrated), explained, positive (the model's decision)
     OUT/<case>/scores.json       localisation scores vs the lesion mask (only with a mask)
     OUT/<case>/provenance.json   bundle hash, method and parameters, inputs' hashes, versions, timings
     OUT/<case>/dicom/            for DICOM inputs: a Parametric Map of the saliency (optional)
@@ -64,8 +64,8 @@ __all__ = ["FAITHFULNESS", "LOCALISATION_KEYS", "STABILITY", "CaseResult", "Case
 #: faithfulness curves on the model's input grid: ROAD's linear imputation as the fill of both curves
 #: (:mod:`c2f_med.metrics.faithfulness`), 10 steps of 10 % of the pixels. ROAD's noise term is off
 #: (``noise_std`` in the [0, 1] intensity range): on the shipped model's lesion slices, deleting random
-#: pixels changed the lesion probability by -0.002 on average without noise but by -0.05 with 1 %
-#: noise (``tests/metrics/test_faithfulness.py``)
+#: pixels changed the lesion probability by -0.002 to -0.010 on average without noise, by -0.008 to
+#: -0.05 with 1 % noise (two draws of four slices; ``tests/metrics/test_faithfulness.py``)
 FAITHFULNESS = {"steps": 10, "deletion_fill": "road", "insertion_fill": "road", "noise_std": 0.0, "seed": 0}
 #: the per-slice localisation scores (:func:`~c2f_med.metrics.localisation.localisation_scores`)
 LOCALISATION_KEYS = ("pointing_game", "pointing_game_tol", "relevance_mass", "iou", "dice", "iou_topk", "dice_topk",
@@ -371,12 +371,20 @@ def _stability(explainer: Explainer, volume: torch.Tensor, variants: Mapping[str
             for k, i in enumerate(picked)]
 
 
-def write_predictions(path: Path, result: VolumeExplanation) -> None:
+def write_predictions(path: Path, result: VolumeExplanation, operating_point: OperatingPoint | None = None,
+                      probability: Sequence[float] | None = None) -> None:
+    """``predictions.csv``: slice, probability (``probability`` when given, the calibrated one of
+    :func:`explain_and_score`, else the explanation's), explained (0/1) and positive (1 when the
+    probability reaches the operating point's threshold; empty on background slices)."""
+    threshold = (operating_point or OperatingPoint()).threshold
+    values = [p.probability for p in result.predictions] if probability is None else list(probability)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["slice", "probability", "explained"])
-        for p in result.predictions:
-            w.writerow([p.index, "" if math.isnan(p.probability) else f"{p.probability:.6f}", int(p.explained)])
+        w.writerow(["slice", "probability", "explained", "positive"])
+        for p, value in zip(result.predictions, values):
+            nan = math.isnan(value)
+            w.writerow([p.index, "" if nan else f"{value:.6f}", int(p.explained),
+                        "" if nan else int(value >= threshold)])
 
 
 def write_case(
@@ -393,6 +401,7 @@ def write_case(
     series_uid: str | None = None,
     dicom_export: bool = True,
     deidentify: bool = False,
+    probability: Sequence[float] | None = None,
 ) -> Path:
     """Write one case folder (module docstring) atomically; returns ``folder``.
 
@@ -407,6 +416,7 @@ def write_case(
         image, mask: the input paths (provenance; a DICOM ``image`` adds ``dicom/``).
         info: ``{"method", "params", "axis", "min_probability", "normalise", "seconds"}``.
         series_uid, dicom_export, deidentify: as in :func:`c2f_med.case.explain_case`.
+        probability: the calibrated per-slice probabilities (:class:`CaseScores`), for ``predictions.csv``.
     """
     from c2f_med.export.nifti import save_on_original_grid
     from c2f_med.export.overlays import overlay_montage
@@ -418,7 +428,7 @@ def write_case(
         save_on_original_grid(result.saliency, scan, tmp / "saliency.nii.gz")
         overlay_montage(scan[0].numpy(), result.saliency[0].numpy(), label, axis=axis, path=tmp / "overlay.png",
                         title=f"{folder.name}: {method}", probability=[p.probability for p in result.predictions])
-        write_predictions(tmp / "predictions.csv", result)
+        write_predictions(tmp / "predictions.csv", result, getattr(bundle, "operating_point", None), probability)
         if scores is not None:
             write_json(tmp / "scores.json", scores)
         if dicom_export and _is_dicom(image):
@@ -486,7 +496,7 @@ def explain_case(
             "normalise": normalise, "seconds": seconds}
     write_case(Path(out_root) / case, bundle=bundle, scan=scan, result=result, label=label, scores=scores,
                image=image, mask=mask, info=info, series_uid=series_uid, dicom_export=dicom_export,
-               deidentify=deidentify)
+               deidentify=deidentify, probability=scored.probability)
     return CaseResult(
         case_id=case, folder=Path(out_root) / case,
         lesion_slices=0 if scores is None else scores["lesion_slices"], scores=scores, seconds=seconds,

@@ -155,14 +155,15 @@ def evaluate_case(
     params: Mapping[str, Mapping[str, Any]] | None = None,
     on_method: Callable[[str], None] | None = None,
     faithfulness: bool = True,
-    stability_slices: int = STABILITY["slices"],
+    stability_slices: int = 0,
 ) -> CaseOutput:
     """Classify, explain and score one datalist item (``{"image", "label", "case_id"}``) with every method
     (:func:`c2f_med.case.explain_and_score`, the lesion and the model-positive slices).
 
     ``on_method(name)`` is called after each method (progress bars). ``faithfulness=False`` skips the
     deletion / insertion curves (their AUCs are NaN): the design search scores localisation only.
-    ``stability_slices``: slices per case of the stability test (0: none).
+    ``stability_slices``: slices per case of the stability test (0, the default: none; ``run_evaluate``
+    asks for :data:`c2f_med.case.STABILITY`'s).
     """
     params = params or {}
     case = item["case_id"]

@@ -154,3 +154,18 @@ def test_chromium_renders_a_non_blank_page(tmp_path):
     assert grey.shape == (1600, 1200)
     assert grey.std() > 10  # text, tables and plots, not a blank page
     assert (grey < 128).mean() > 0.01
+
+
+def test_summary_shows_the_strata_tp_first(tmp_path):
+    summary, rows, overlays, p, y = example(tmp_path)
+    scores = summary["methods"]["c2f"]
+    summary = {**summary, "operating_point": {"threshold": 0.5, "source": "default"},
+               "classifier": {**summary["classifier"], "threshold": 0.5, "specificity": 0.8125, "ece": 0.04},
+               "strata": {"tp": {"slices": 12, "methods": {"c2f": {**scores, "ap": 0.6543}}},
+                          "fn": {"slices": 6, "methods": {"c2f": {**scores, "ap": 0.0123}}},
+                          "fp": {"slices": 4, "methods": {"c2f": {"mass_foreground": 0.7777, "slices": 4}}}}}
+    text = render_report(summary, rows)
+    assert text.index('id="tp"') < text.index('id="fn"') < text.index('id="all"') < text.index('id="fp"')
+    body = " ".join(Parsed(text).text)
+    assert "0.654" in body and "0.012" in body and "0.778" in body and "0.812" in body
+    assert "a default threshold" in body

@@ -187,3 +187,46 @@ def test_rows_read_back_from_csv_give_the_same_summary(tmp_path):
     a = summarise(rows, [], BUNDLE, "d", 2, n_boot=100)
     b = summarise(text_rows, [], BUNDLE, "d", 2, n_boot=100)
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_strata_lesions_and_stability():
+    rows, _ = make_rows()
+    for r in rows:  # case a's slices called positive, case b's missed; each case one 3-D lesion
+        r["probability"] = 0.9 if r["case"] == "a" else 0.2
+        r["positive"] = r["case"] == "a"
+        r["stratum"] = "tp" if r["positive"] else "fn"
+        r["lesions"] = "1"
+    fp = [{"case": "b", "slice": 7, "method": m, "probability": 0.8, "positive": True, "stratum": "fp",
+           "mass_foreground": v, "topk_foreground": v, "peak_foreground": 1.0, "foreground_fraction": 0.4,
+           "seconds": 0.1, "forward_passes": 1.0} for m, v in (("good", 0.9), ("bad", 0.3))]
+    stability = [{"case": "a", "slice": 3, "method": "good", "int16": 1.0, "noise": 0.9},
+                 {"case": "a", "slice": 4, "method": "good", "int16": 0.98, "noise": 0.7}]
+    bundle = SimpleNamespace(**vars(BUNDLE), operating_point=SimpleNamespace(threshold=0.5, source="bundle"))
+    clf = [{"case": "a", "slice": 3, "probability": 0.9, "lesion": True, "lesions": [1]},
+           {"case": "b", "slice": 7, "probability": 0.8, "lesion": False, "lesions": []},
+           {"case": "b", "slice": 8, "probability": 0.1, "lesion": False, "lesions": []}]
+    s = summarise(rows, clf, bundle, "dl.json", 2, fp_rows=fp, stability=stability, n_boot=50)
+    assert s["operating_point"] == {"threshold": 0.5, "source": "bundle"}
+    assert s["classifier"]["threshold"] == 0.5 and s["classifier"]["specificity"] == 0.5
+    assert set(s["strata"]) == {"tp", "fn", "fp"}
+    assert (s["strata"]["tp"]["slices"], s["strata"]["fn"]["slices"], s["strata"]["fp"]["slices"]) == (3, 2, 1)
+    for name, case in (("tp", "a"), ("fn", "b")):
+        got = s["strata"][name]["methods"]["good"]
+        assert all(k in got for k in CONTRACT) and got["slices"] == len({3, 4, 5} if case == "a" else {1, 2})
+        own = [r["ap"] for r in rows if r["method"] == "good" and r["case"] == case]
+        assert got["ap"] == pytest.approx(np.mean(own))
+    assert s["strata"]["fp"]["methods"]["good"]["mass_foreground"] == 0.9
+    assert s["strata"]["fp"]["methods"]["bad"]["slices"] == 1
+    lesion = s["lesions"]["good"]
+    per_case = [np.mean([r["ap"] for r in rows if r["method"] == "good" and r["case"] == c]) for c in "ab"]
+    assert lesion["lesions"] == 2 and lesion["ap"] == pytest.approx(np.mean(per_case))
+    best = [max(r["ap"] for r in rows if r["method"] == "good" and r["case"] == c) for c in "ab"]
+    assert lesion["best"]["ap"] == pytest.approx(np.mean(best))
+    assert s["stability"] == {"good": {"int16": pytest.approx(0.99), "noise": pytest.approx(0.8), "slices": 2}}
+    md = render_markdown(s)
+    assert md.index("(TP, 3 slices)") < md.index("(FN, 2 slices)") < md.index("All lesion slices") < md.index(
+        "(FP, 1 slices)") < md.index("Per 3-D lesion") < md.index("Stability")
+    assert "the bundle's operating point" in md
+    # rows without the model's decision (older CSVs): no strata
+    plain, _ = make_rows()
+    assert "strata" not in summarise(plain, [], BUNDLE, "d", 2, n_boot=50)

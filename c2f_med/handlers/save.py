@@ -4,7 +4,7 @@ The folder is the one ``c2f-med explain`` writes (see :mod:`c2f_med.case`)::
 
     OUT/<case>/saliency.nii.gz   float32 saliency on the input file's own grid and affine
     OUT/<case>/overlay.png       montage: scan, lesion contour, saliency heat map, colour bar
-    OUT/<case>/predictions.csv   slice, probability, explained
+    OUT/<case>/predictions.csv   slice, probability, explained, positive
     OUT/<case>/scores.json       when LesionScoreHandler scored the case
     OUT/<case>/provenance.json   bundle hash, method and parameters, inputs' hashes, versions, costs
     OUT/<case>/dicom/            for DICOM inputs: a Parametric Map of the saliency
@@ -72,6 +72,7 @@ class SaliencySaver:
                 info=item["explain_info"],
                 dicom_export=self.dicom_export,
                 deidentify=self.deidentify,
+                probability=item[CommonKeys.PRED].tolist(),
             )
             logger.info("%s: %d slices explained -> %s", case,
                         sum(p.explained for p in item["explanation"].predictions), folder)

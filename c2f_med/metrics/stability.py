@@ -7,11 +7,11 @@ Plain functions on arrays.
   integers within the int16 range come back unchanged (slope 1, the usual CT storage in HU);
   others are rounded on a grid of ``slope = range / 65535`` above their minimum (the finest grid
   that fits 16 bits), as a writer that keeps the full dynamic range does.
-* :func:`noise_floor`: the scan's own noise level, a robust estimate from differences of
-  neighbouring voxels inside the body: ``sigma = 1.4826 MAD(d) / sqrt(2)`` of the differences ``d``
-  along the first axis (for white noise of sigma ``s``, ``d`` has sigma ``s sqrt(2)``; anatomy adds
-  few large differences, which the median ignores). Noise of that level is what a second
-  acquisition of the same scan would differ by.
+* :func:`noise_floor`: the scan's own noise level, a robust estimate from second differences of
+  neighbouring voxels inside the body: ``sigma = 1.4826 MAD(d) / sqrt(6)`` of ``d = x[i-1] - 2 x[i] +
+  x[i+1]`` along the first axis (for white noise of sigma ``s``, ``d`` has sigma ``s sqrt(6)``; smooth
+  anatomy cancels to first order, edges give few large values, which the median ignores). Noise of
+  that level is what a second acquisition of the same scan would differ by.
 * :func:`saliency_correlation`: Pearson's r of two maps of one slice (NaN when either is constant).
 """
 
@@ -42,12 +42,13 @@ def noise_floor(values: ArrayLike) -> float:
     """Robust noise sigma of a volume (module docstring), from the voxels above its 10th percentile
     (the body); 0 for a constant volume."""
     v = np.asarray(values, dtype=np.float64)
-    if v.ndim < 1 or v.shape[0] < 2:
+    if v.ndim < 1 or v.shape[0] < 3:
         return 0.0
-    d = np.diff(v, axis=0)
-    inside = (v[1:] > np.percentile(v, 10)) & (v[:-1] > np.percentile(v, 10))
+    d = np.diff(v, n=2, axis=0)
+    low = np.percentile(v, 10)
+    inside = (v[:-2] > low) & (v[1:-1] > low) & (v[2:] > low)
     d = d[inside] if inside.any() else d.ravel()
-    return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(6))
 
 
 def saliency_correlation(a: ArrayLike, b: ArrayLike) -> float:

@@ -337,3 +337,40 @@ def test_auroc_matches_quantus_auc(quantus_score, shape, ties):
     a, s = batch(shape, np.random.default_rng(13), n=8, ties=ties)
     ours = [pixel_auroc(a_i[0], s_i[0]) for a_i, s_i in zip(a, s)]
     np.testing.assert_allclose(ours, quantus_score("AUC", a, s), rtol=1e-12)
+
+
+def test_foreground_mask_fills_the_body_and_drops_specks():
+    from c2f_med.metrics.localisation import foreground_mask
+
+    image = np.zeros((40, 40))
+    yy, xx = np.mgrid[:40, :40]
+    ring = (np.hypot(yy - 20, xx - 20) <= 15) & (np.hypot(yy - 20, xx - 20) >= 12)  # a skull
+    image[ring] = 1.0
+    image[16:24, 16:24] = 0.3  # brain inside, with dark gaps between it and the skull
+    image[2, 2] = 0.5  # a speck outside the body
+    body = foreground_mask(image)
+    assert body[20, 20] and body[12, 20] and not body[2, 2] and not body[0, 0]
+    assert body.sum() == np.count_nonzero(np.hypot(yy - 20, xx - 20) <= 15)
+    assert not foreground_mask(np.zeros((5, 5))).any()
+
+
+def test_saliency_mass_inside_and_outside_the_body():
+    from c2f_med.metrics.localisation import FP_KEYS, saliency_mass
+
+    body = np.zeros((10, 10), bool)
+    body[:, :5] = True  # left half
+    inside = np.zeros((10, 10))
+    inside[2, 2] = 1.0
+    scores = saliency_mass(inside, body)
+    assert list(scores) == list(FP_KEYS)
+    assert scores["mass_foreground"] == 1.0 and scores["peak_foreground"] == 1.0
+    assert scores["foreground_fraction"] == 0.5
+    outside = np.zeros((10, 10))
+    outside[:, 5:] = 1.0
+    outside[0, 0] = 0.5
+    scores = saliency_mass(outside, body, top=0.1)  # the 10 most salient pixels: all on the right
+    assert scores["mass_foreground"] == pytest.approx(0.5 / 50.5)
+    assert scores["topk_foreground"] == 0.0 and scores["peak_foreground"] == 0.0
+    assert saliency_mass(np.zeros((10, 10)), body)["mass_foreground"] == 0.5  # a flat map: chance
+    with pytest.raises(ValueError, match="top"):
+        saliency_mass(inside, body, top=0)
