@@ -63,6 +63,7 @@ from c2f_med.export.overlays import CONTOUR_COLOUR, display_slice, heat_colormap
 from c2f_med.io.manifest import read_datalist
 from c2f_med.metrics.faithfulness import auc, perturbation_curve
 from c2f_med.metrics.localisation import localisation_scores, threshold_mean
+from c2f_med.metrics.sanity import model_randomisation
 from c2f_med.models.bundle import Bundle, load_bundle
 from c2f_med.provenance import provenance
 from c2f_med.slices import normalise_input, to_model_grid, volume_slices
@@ -459,6 +460,7 @@ def run_evaluate(
                         methods=methods)
     summary["section"] = section
     summary["faithfulness"] = {**FAITHFULNESS, "grid": "model input", "target": "lesion class"}
+    summary["sanity"] = model_randomisation(bundle, items, methods, params)  # trained vs re-initialised model
     summary["provenance"] = provenance(bundle, inputs={"datalist": datalist}, method=",".join(methods),
                                        params=used_params,
                                        extra={"workers": workers, "seconds": time.perf_counter() - start})
