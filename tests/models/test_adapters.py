@@ -260,3 +260,23 @@ def test_wrap_model_leaves_a_token_vit_alone():
 
     net = LesionViT(img_size=32, stem_channels=(8, 16), hidden_size=16, mlp_dim=16, num_layers=1, num_heads=2)
     assert wrap_model(net, ModelInput(3, (64, 64), (0, 1))) is net
+
+
+@pytest.mark.slow
+def test_the_worked_example_of_the_docs_runs(tmp_path):
+    """docs/own_model.md's example builds a bundle, writes a scan and explains it with c2f-med, as printed."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "docs" / "own_model.md").read_text()
+    code = re.search(r"## Worked example.*?```python\n(.*?)```", text, re.S).group(1)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(repo), "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(
+        ["overlay.png", "predictions.csv", "provenance.json", "saliency.nii.gz"])
