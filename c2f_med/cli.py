@@ -7,9 +7,12 @@ a traceback; nothing is written inside the inputs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
         s.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
                        help="override an explainer parameter, e.g. c2f.relation=rollout-last (repeatable)")
+        s.add_argument("--target-class", metavar="NAME|INDEX",
+                       help="class to explain, by its name in the bundle's metadata.json or its index (default: "
+                            "the bundle's target_class / lesion_class, else each slice's predicted class)")
+        s.add_argument("--preset", help="intensity preset: auto, ct, mr, brain, soft_tissue, lung, bone or "
+                                        "LEVEL,WIDTH (default: the bundle's preset)")
+        s.add_argument("--backbone-attr", metavar="PATH",
+                       help="dotted name of the ViT inside a larger network_def module, e.g. backbone or model.vit")
 
     s = sub.add_parser("synth", help="write semi-synthetic lesion scans on MNI152 anatomy")
     s.add_argument("--out", required=True, type=Path)
@@ -210,11 +220,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: verbs that score against lesion masks: they need a declared class to explain
+_SCORING_VERBS = ("evaluate", "bench", "audit")
+
+
+@contextlib.contextmanager
+def _bundle_options(a: argparse.Namespace) -> Iterator[None]:
+    """``--target-class``, ``--preset`` and ``--backbone-attr`` as the environment variables the bundle loader
+    reads (so worker processes see them too), for the duration of the command."""
+    from c2f_med.models import BACKBONE_ENV, PRESET_ENV, TARGET_ENV
+
+    values = {TARGET_ENV: getattr(a, "target_class", None), PRESET_ENV: getattr(a, "preset", None),
+              BACKBONE_ENV: getattr(a, "backbone_attr", None)}
+    values = {k: str(v) for k, v in values.items() if v is not None}
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        if a.verb in _SCORING_VERBS:
+            _require_target(a.bundle)
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _require_target(bundle: Path) -> None:
+    """Scoring against lesion masks needs the lesion class: refuse a bundle that declares none."""
+    from c2f_med.models.bundle import declared_target, inference_config
+
+    if Path(bundle).is_dir() and declared_target(inference_config(bundle)) is None:
+        raise InputError(Path(bundle) / "configs" / "inference.json",
+                         "declares no class to explain (target_class or lesion_class); pass --target-class NAME|INDEX")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        args.func(args)
+        with _bundle_options(args):
+            args.func(args)
     except Exception as exc:  # bad input (possibly wrapped by MONAI) -> one line, no traceback
         err = find_input_error(exc)
         if err is None:

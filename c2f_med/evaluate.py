@@ -71,6 +71,7 @@ from c2f_med.explain import create
 from c2f_med.export.overlays import CONTOUR_COLOUR, display_slice, heat_colormap
 from c2f_med.io.manifest import read_datalist
 from c2f_med.metrics.faithfulness import auc
+from c2f_med.metrics.sanity import model_randomisation
 from c2f_med.models.bundle import Bundle, load_bundle
 from c2f_med.provenance import provenance
 from c2f_med.summary import (
@@ -428,6 +429,7 @@ def run_evaluate(
                                      "grid": "model input", "variants": {
                                          "int16": "intensities stored as int16 after a rescale, read back",
                                          "noise": "Gaussian noise at the scan's own noise floor"}}
+    summary["sanity"] = model_randomisation(bundle, items, methods, params)  # trained vs re-initialised model
     summary["provenance"] = provenance(bundle, inputs={"datalist": datalist}, method=",".join(methods),
                                        params=used_params,
                                        extra={"workers": workers, "seconds": time.perf_counter() - start})

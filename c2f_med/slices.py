@@ -1,10 +1,12 @@
 """Volume <-> model-input slices: the one geometry that training, explaining and scoring share.
 
 A volume ``X x Y x Z`` (intensities already in [0, 1] from an intensity preset) is cut along
-``axis`` into 2D slices. Each slice is zero-padded to a centred square (keeping its aspect
-ratio, so a lesion keeps its shape) and resized to the model's ``size x size``; then the model's
-input normalisation ``(x - mean) / std`` is applied. :func:`from_model_grid` undoes the resize and
-the padding, so per-slice maps stack back onto the volume's own grid.
+``axis`` into 2D slices. Each slice is zero-padded, centred, to the aspect ratio of the model's
+input (keeping its own aspect ratio, so a lesion keeps its shape) and resized to the model's
+``H x W``; then the input normalisation ``(x - mean) / std`` is applied. :func:`from_model_grid`
+undoes the resize and the padding, so per-slice maps stack back onto the volume's own grid. A model
+that wants several channels gets the gray slice repeated (:func:`repeat_channels`); its gradients,
+and so its saliency, come back summed onto the one gray channel.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "to_model_grid",
     "from_model_grid",
     "normalise_input",
+    "repeat_channels",
     "INPUT_MEAN",
     "INPUT_STD",
 ]
@@ -31,27 +34,35 @@ INPUT_STD = 0.3
 
 @dataclass(frozen=True)
 class SliceGeometry:
-    """How an ``h x w`` slice maps onto the model's ``size x size`` grid.
+    """How an ``h x w`` slice maps onto the model's ``H x W`` grid (``size``: ``(H, W)``, or one int for a
+    square grid).
 
-    The slice is padded to ``side = max(h, w)`` (centred: ``top``/``left`` rows/columns before it)
-    and resized by ``size / side``.
+    The slice is padded, centred, to ``side = (side_h, side_w)``, the smallest frame of the model's
+    aspect ratio that holds it (``top``/``left`` rows/columns before it), and resized to ``H x W``.
     """
 
     height: int
     width: int
-    size: int
+    size: int | tuple[int, int]
 
     @property
-    def side(self) -> int:
-        return max(self.height, self.width)
+    def shape(self) -> tuple[int, int]:
+        """The model's input ``(H, W)``."""
+        return (self.size, self.size) if isinstance(self.size, int) else (int(self.size[0]), int(self.size[1]))
+
+    @property
+    def side(self) -> tuple[int, int]:
+        rows, cols = self.shape
+        scale = max(self.height / rows, self.width / cols)
+        return max(self.height, round(scale * rows)), max(self.width, round(scale * cols))
 
     @property
     def top(self) -> int:
-        return (self.side - self.height) // 2
+        return (self.side[0] - self.height) // 2
 
     @property
     def left(self) -> int:
-        return (self.side - self.width) // 2
+        return (self.side[1] - self.width) // 2
 
 
 def normalise_input(x: torch.Tensor, mean: float = INPUT_MEAN, std: float = INPUT_STD) -> torch.Tensor:
@@ -59,26 +70,38 @@ def normalise_input(x: torch.Tensor, mean: float = INPUT_MEAN, std: float = INPU
     return (x - mean) / std
 
 
-def to_model_grid(slices: torch.Tensor, size: int) -> tuple[torch.Tensor, SliceGeometry]:
-    """Pad ``B x C x h x w`` slices to a centred square and resize to ``B x C x size x size``.
+def repeat_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """``B x 1 x H x W`` gray slices -> ``B x channels x H x W`` (a view: gradients sum back onto the gray channel)."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] != 1:
+        raise ValueError(f"cannot repeat {x.shape[1]} channels to {channels}")
+    return x.expand(-1, channels, -1, -1)
+
+
+def to_model_grid(slices: torch.Tensor, size: int | tuple[int, int]) -> tuple[torch.Tensor, SliceGeometry]:
+    """Pad ``B x C x h x w`` slices, centred, to the model's aspect ratio and resize to ``B x C x H x W``
+    (``size``: ``(H, W)`` or one int for a square input).
 
     Bilinear with antialiasing when shrinking. Padding value 0 (the preset's background).
     """
+    if not isinstance(size, int):
+        size = (int(size[0]), int(size[1]))
     geom = SliceGeometry(int(slices.shape[-2]), int(slices.shape[-1]), size)
-    pad_h, pad_w = geom.side - geom.height, geom.side - geom.width
+    (side_h, side_w), shape = geom.side, geom.shape
+    pad_h, pad_w = side_h - geom.height, side_w - geom.width
     x = F.pad(slices, (geom.left, pad_w - geom.left, geom.top, pad_h - geom.top))
-    if geom.side != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=geom.side > size)
+    if geom.side != shape:
+        x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False, antialias=side_h > shape[0])
     return x, geom
 
 
 def from_model_grid(maps: torch.Tensor, geom: SliceGeometry) -> torch.Tensor:
-    """Inverse of :func:`to_model_grid` for ``B x size x size`` maps -> ``B x h x w`` (bilinear)."""
+    """Inverse of :func:`to_model_grid` for ``B x H x W`` maps -> ``B x h x w`` (bilinear)."""
     x = maps.unsqueeze(1)
-    if geom.side != geom.size:
-        x = F.interpolate(
-            x, size=(geom.side, geom.side), mode="bilinear", align_corners=False, antialias=geom.size > geom.side
-        )
+    if geom.side != geom.shape:
+        shrink = geom.shape[0] > geom.side[0]
+        x = F.interpolate(x, size=geom.side, mode="bilinear", align_corners=False, antialias=shrink)
     return x[:, 0, geom.top : geom.top + geom.height, geom.left : geom.left + geom.width]
 
 

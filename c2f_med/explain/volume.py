@@ -86,7 +86,7 @@ def explain_volume(
     explainer: Explainer,
     *,
     axis: int = 2,
-    target: int = 1,
+    target: int | None = 1,
     slice_batch: int = 16,
     min_probability: float | None = None,
     normalise: str = "slice",
@@ -100,7 +100,7 @@ def explain_volume(
         scan: ``1 x X x Y x Z`` MetaTensor, intensities in [0, 1] (a plain tensor gets an identity affine).
         explainer: any registered explainer (``create(name, model)``); its model classifies the slices.
         axis: spatial axis to slice along (0, 1 or 2; 2 = axial after RAS orientation).
-        target: class explained and scored (default 1 = lesion).
+        target: class explained and scored (default 1 = lesion); ``None``: each slice's predicted class.
         slice_batch: slices classified and explained per batch.
         min_probability: ``None`` explains every non-background slice; otherwise slices whose target
             probability is below it get saliency 0 and cost no explainer call.
@@ -121,11 +121,9 @@ def explain_volume(
     if slice_batch < 1:
         raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
     model = explainer.model
-    if not 0 <= target < model.num_classes:
+    if target is not None and not 0 <= target < model.num_classes:
         raise ValueError(f"target class {target} out of range for a {model.num_classes}-class model")
-    size = model.input_size[0]
-    if model.input_size[1] != size:
-        raise ValueError(f"the model's input must be square, got {model.input_size}")
+    size = tuple(model.input_size)
     device = next(model.parameters()).device
 
     volume = scan.as_tensor()[0] if isinstance(scan, MetaTensor) else scan[0]  # X x Y x Z
@@ -169,9 +167,9 @@ def _explain_batch(
     selected: torch.Tensor,
     axis: int,
     explainer: Explainer,
-    target: int,
+    target: int | None,
     min_probability: float | None,
-    size: int,
+    size: tuple[int, int],
     device: torch.device,
     out_slices: torch.Tensor,
     result: VolumeExplanation,
@@ -187,13 +185,16 @@ def _explain_batch(
         x, geom = to_model_grid(raw[foreground].to(device), size)
         x = normalise_input(x)
         with torch.inference_mode():
-            p = explainer.model(x).softmax(1)[:, target].float().cpu()
+            prob = explainer.model(x).softmax(1).float()
+        prob = prob.clone()  # a normal tensor: the predicted classes become gradient targets
+        t = prob.argmax(1) if target is None else torch.full_like(prob[:, 0], target, dtype=torch.long)
+        p = prob.gather(1, t[:, None])[:, 0].cpu()
         result.forward_passes += x.shape[0]
         probs[foreground] = p
         keep = selected[foreground] if min_probability is None else selected[foreground] & (p >= min_probability)
         chosen[foreground] = keep
         if keep.any():
-            expl = explainer.explain(x[keep.to(device)], target)
+            expl = explainer.explain(x[keep.to(device)], t[keep.to(device)] if target is None else target)
             maps = minmax(from_model_grid(expl.saliency.float(), geom)).cpu()  # k x h x w
             explained = [i for i, c in zip(index, chosen.tolist()) if c]
             out_slices[explained] = maps

@@ -8,10 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["BUNDLE_ENV", "DEFAULT_BUNDLE"]
+__all__ = ["BUNDLE_ENV", "DEFAULT_BUNDLE", "TARGET_ENV", "PRESET_ENV", "BACKBONE_ENV"]
 
 #: environment variable naming the bundle to use when ``--bundle`` is not given
 BUNDLE_ENV = "C2F_MED_BUNDLE"
+#: environment variables that override the bundle's ``target_class``, ``preset`` and ``backbone_attr``
+#: (``--target-class``, ``--preset`` and ``--backbone-attr`` set them for the command they run)
+TARGET_ENV, PRESET_ENV, BACKBONE_ENV = "C2F_MED_TARGET_CLASS", "C2F_MED_PRESET", "C2F_MED_BACKBONE_ATTR"
 
 
 def _default_bundle() -> Path:

@@ -1,0 +1,52 @@
+"""Model-randomisation check: rank correlation, the flag rule, and the committed bundle passing it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from c2f_med.metrics.sanity import FLAG_ABOVE, model_randomisation, randomisation_check, rank_correlation
+from c2f_med.models import DEFAULT_BUNDLE
+from c2f_med.models.bundle import load_bundle
+
+
+def test_rank_correlation():
+    a = np.arange(12.0).reshape(3, 4)
+    assert rank_correlation(a, a**3) == pytest.approx(1.0)  # monotone: same ranks
+    assert rank_correlation(a, -a) == pytest.approx(-1.0)
+    assert rank_correlation(np.ones(5), np.arange(5.0)) == 0.0  # a constant map ranks nothing
+    assert rank_correlation(np.ones(5), np.ones(5)) == 1.0
+    with pytest.raises(ValueError):
+        rank_correlation(np.ones(4), np.ones(5))
+
+
+def test_the_same_model_twice_is_flagged_and_a_reinitialised_one_is_not(tiny_bundle):
+    trained = load_bundle(tiny_bundle).model
+    x = torch.randn(3, 1, *trained.input_size, generator=torch.Generator().manual_seed(0))
+    same = randomisation_check(trained, trained, x, ["rollout", "gradcam"], 1)
+    assert all(v["spearman"] == pytest.approx(1.0) and v["flagged"] for v in same.values())
+    other = randomisation_check(trained, load_bundle(tiny_bundle, reinit_seed=3).model, x, ["gradcam"], 1)
+    assert other["gradcam"]["spearman"] < 1.0 and other["gradcam"]["slices"] == 3
+
+
+@pytest.fixture(scope="module")
+def synth_case(tmp_path_factory):
+    from c2f_med.io.manifest import read_datalist
+    from c2f_med.synth.dataset import write_dataset
+
+    datalist = write_dataset(tmp_path_factory.mktemp("synth"), cases=1, seed=3, fmt="nifti", progress=False)
+    items = [i for section in ("training", "validation", "testing") for i in read_datalist(datalist, section)]
+    assert len(items) == 1
+    return items
+
+
+@pytest.mark.slow
+def test_committed_bundle_passes_the_model_randomisation_check(synth_case):
+    """The trained classifier's maps change when its weights are re-initialised: no method is flagged."""
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    result = model_randomisation(bundle, synth_case, ["c2f", "rollout", "gae", "gradcam", "attention"], max_slices=3)
+    assert set(result) == {"c2f", "rollout", "gae", "gradcam", "attention"}
+    for method, value in result.items():
+        assert value["slices"] == 3 and value["seed"] == 2018
+        assert value["spearman"] < FLAG_ABOVE and not value["flagged"], (method, value)
