@@ -41,7 +41,10 @@ from c2f_med.metrics.calibration import (
 from c2f_med.models.bundle import Bundle, OperatingPoint
 
 __all__ = ["CaseLogits", "calibrate_bundle", "case_logits", "classifier_measures", "fit_operating_point",
-           "run_calibrate", "write_operating_point"]
+           "measures_table", "run_calibrate", "write_operating_point"]
+
+TABLE_COLUMNS = (("slice_auroc", "slice AUROC"), ("lesion_auroc", "lesion AUROC"),
+                 ("lesion_sensitivity", "lesions found"), ("specificity", "specificity"), ("ece", "ECE"))
 
 
 @dataclass
@@ -202,3 +205,43 @@ def run_calibrate(bundle_dir: str | os.PathLike, datalist: str | os.PathLike, *,
     if report is not None:
         write_json(report, result)
     return result
+
+
+def measures_table(reports: dict[str, dict]) -> str:
+    """Markdown table of ``run_calibrate`` reports: one row per (measured set, weights), keyed by the
+    weights' label in ``reports``; the validation ECE before / after calibration in the header line."""
+    lines = ["| cases | weights | slices (lesion) | lesions | " + " | ".join(h for _, h in TABLE_COLUMNS) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(TABLE_COLUMNS)]
+    names = list(dict.fromkeys(n for r in reports.values() for n in r["measured"]))
+    for name in names:
+        for label, report in reports.items():
+            m = report["measured"].get(name)
+            if m is None:
+                continue
+            cells = [f"{m[k]:.3f}" if isinstance(m[k], float) and not math.isnan(m[k]) else "n/a"
+                     for k, _ in TABLE_COLUMNS]
+            lines.append(f"| {name} | {label} | {m['slices']} ({m['lesion_slices']}) | {m['lesions']} | "
+                         + " | ".join(cells) + " |")
+    points = "; ".join(f"{label}: temperature {r['operating_point']['temperature']:.3f}, threshold "
+                       f"{r['operating_point']['threshold']:.3f}, validation ECE {r['before']['ece']:.3f} -> "
+                       f"{r['after']['ece']:.3f}" for label, r in reports.items())
+    return "\n".join(lines) + "\n\nOperating points (fitted on validation): " + points + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m c2f_med.calibrate LABEL=REPORT.json ...``: print :func:`measures_table` of the reports."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    reports = {}
+    for item in argv:
+        label, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected LABEL=REPORT.json, got {item!r}")
+        reports[label] = json.loads(Path(path).read_text())
+    print(measures_table(reports), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

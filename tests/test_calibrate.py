@@ -102,3 +102,22 @@ def test_calibrate_dry_run_leaves_the_bundle_and_bad_input_is_one_line(tiny_bund
     assert err.count("\n") == 0 and "datalist.json" in err
     assert main(["calibrate", "--bundle", str(bundle), "--datalist", str(tiny_datalist), "--section", "testing",
                  "--specificity", "1.5"]) == 2
+
+
+def test_measures_table_has_a_row_per_set_and_weights():
+    from c2f_med.calibrate import calibrate_bundle, measures_table
+
+    class FakeBundle:
+        lesion_class = 1
+
+    reports = {}
+    for label, seed in (("old", 0), ("new", 1)):
+        result = calibrate_bundle(FakeBundle(), _cases(seed))
+        point = OperatingPoint(**result["operating_point"])
+        result["measured"] = {"fresh": classifier_measures(_cases(seed + 5), point)}
+        reports[label] = result
+    table = measures_table(reports)
+    rows = [line for line in table.splitlines() if line.startswith("| fresh")]
+    assert len(rows) == 2 and "| old |" in rows[0] and "| new |" in rows[1]
+    assert f"{reports['new']['measured']['fresh']['slice_auroc']:.3f}" in rows[1]
+    assert "validation ECE" in table
