@@ -41,7 +41,7 @@ from c2f_med.metrics.calibration import (
 from c2f_med.models.bundle import Bundle, OperatingPoint
 
 __all__ = ["CaseLogits", "calibrate_bundle", "case_logits", "classifier_measures", "fit_operating_point",
-           "measures_table", "run_calibrate", "write_operating_point"]
+           "measures_table", "run_calibrate", "volume_logits", "write_operating_point"]
 
 TABLE_COLUMNS = (("slice_auroc", "slice AUROC"), ("lesion_auroc", "lesion AUROC"),
                  ("lesion_sensitivity", "lesions found"), ("specificity", "specificity"), ("ece", "ECE"))
@@ -70,28 +70,34 @@ def case_logits(bundle: Bundle, items: Sequence[dict], batch: int = 64, progress
     Raises:
         InputError: an item without a label (naming its image).
     """
-    from skimage import measure
     from tqdm import tqdm
 
     from c2f_med.io.transforms import load_case_transforms
-    from c2f_med.models.train import slice_dataset
 
     load = load_case_transforms(keys=("image", "label"), preset=bundle.preset)
-    axis = int(bundle.config.get("axis", 2))
-    size = int(bundle.model.input_size[0])
     out = []
     for item in tqdm(items, desc="classify", unit="case", disable=not progress):
         if not item.get("label"):
             raise InputError(item["image"], "has no lesion mask (label): calibration needs labelled cases")
         case = load(dict(item))
-        image, mask = case["image"][0].as_tensor(), case["label"][0].as_tensor()
-        x, y, index, _ = slice_dataset(image, mask, size, axis)
-        with torch.inference_mode():
-            logits = torch.cat([bundle.model(x[i:i + batch]) for i in range(0, len(x), batch)]).float().numpy()
-        components = np.moveaxis(measure.label(mask.numpy() > 0, connectivity=3), axis, 0)
-        lesions = [[int(k) for k in np.unique(components[int(i)]) if k] for i in index]
-        out.append(CaseLogits(str(item.get("case_id", item["image"])), logits, y.numpy() == 1, lesions))
+        out.append(volume_logits(bundle, case["image"][0].as_tensor(), case["label"][0].as_tensor(),
+                                 str(item.get("case_id", item["image"])), batch))
     return out
+
+
+def volume_logits(bundle: Bundle, image: torch.Tensor, mask: torch.Tensor, case: str, batch: int = 64) -> CaseLogits:
+    """:class:`CaseLogits` of one preset-normalised ``X x Y x Z`` volume and its lesion mask (same grid)."""
+    from skimage import measure
+
+    from c2f_med.models.train import slice_dataset
+
+    axis = int(bundle.config.get("axis", 2))
+    x, y, index, _ = slice_dataset(image, mask, int(bundle.model.input_size[0]), axis)
+    with torch.inference_mode():
+        logits = torch.cat([bundle.model(x[i:i + batch]) for i in range(0, len(x), batch)]).float().numpy()
+    components = np.moveaxis(measure.label(mask.numpy() > 0, connectivity=3), axis, 0)
+    lesions = [[int(k) for k in np.unique(components[int(i)]) if k] for i in index]
+    return CaseLogits(case, logits, y.numpy() == 1, lesions)
 
 
 def _stack(cases: Sequence[CaseLogits]) -> tuple[NDArray, NDArray]:
