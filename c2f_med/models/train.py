@@ -70,7 +70,9 @@ class TrainConfig:
     twin_negative: float = 0.75  # share of negatives taken at a positive's slice of the lesion-free twin
     seed: int = 0
     init: str | None = None  # state dict (a model.pt) to start from instead of random weights: fine-tuning
-    bf16: bool = True  # CPU autocast to bfloat16 for the forward pass (fp32 master weights): ~1.8x faster here
+    # CPU autocast to bfloat16 for the forward pass (fp32 master weights): ~1.8x faster on CPUs with bfloat16 units
+    # (AVX-512 BF16 / AMX); emulated, ~100x slower, without them (59 s per step measured on an AVX2-only CPU)
+    bf16: bool = True
     model: dict = field(default_factory=dict)  # LesionViT keyword arguments (run_training: the bundle's network_def)
     img_size: int = 96
     randomised_fraction: float = 0.0  # share of pool anatomies drawn domain-randomised (c2f_med.synth.randomised)
