@@ -1,4 +1,4 @@
-"""The ``c2f-med`` command: synth, train, explain, evaluate, search, bench, audit.
+"""The ``c2f-med`` command: synth, train, calibrate, explain, evaluate, search, bench, audit.
 
 Bad input exits with status 2 and one line ``c2f-med: error: <file>: <problem>`` on stderr, never
 a traceback; nothing is written inside the inputs.
@@ -57,6 +57,28 @@ def _train(a: argparse.Namespace) -> None:
     best = result["best"]
     print(f"best validation slice AUROC {best['val_auroc']:.4f}, accuracy {best['val_accuracy']:.4f} "
           f"at step {best['step']}; weights in {Path(a.bundle) / 'models' / 'model.pt'}")
+
+
+def _calibrate(a: argparse.Namespace) -> None:
+    from c2f_med.calibrate import run_calibrate
+
+    measure = []
+    for item in a.measure:
+        name, sep, rest = item.partition("=")
+        path, _, section = rest.partition(":")
+        if not sep or not name or not path:
+            raise InputError(None, f"--measure {item!r}: expected NAME=DATALIST[:SECTION]")
+        measure.append((name, Path(path), section or "testing"))
+    result = run_calibrate(a.bundle, a.datalist, section=a.section, specificity=a.specificity, write=not a.dry_run,
+                           measure=measure, report=a.report, progress=True)
+    point, before, after = result["operating_point"], result["before"], result["after"]
+    print(f"temperature {point['temperature']:.4f}, threshold {point['threshold']:.4f} "
+          f"({'written to' if result['written'] else 'not written (--dry-run):'} {a.bundle}/configs/inference.json)")
+    print(f"validation ECE {before['ece']:.4f} -> {after['ece']:.4f}; specificity {after['specificity']:.3f}, "
+          f"lesions found {after['lesion_sensitivity']:.3f}, slice AUROC {after['slice_auroc']:.4f}")
+    for name, m in result["measured"].items():
+        print(f"{name}: slice AUROC {m['slice_auroc']:.4f}, lesion AUROC {m['lesion_auroc']:.4f}, lesions found "
+              f"{m['lesion_sensitivity']:.3f} ({m['lesions']}), specificity {m['specificity']:.3f}, ECE {m['ece']:.4f}")
 
 
 def _explain(a: argparse.Namespace) -> None:
@@ -160,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change one field of the training recipe (c2f_med.models.train.TrainConfig; JSON "
                         "values), e.g. --set lr=3e-4 --set curriculum_fraction=0 to fine-tune; repeatable")
     t.set_defaults(func=_train)
+
+    c = sub.add_parser("calibrate", help="fit the bundle's temperature and decision threshold on validation scans")
+    c.add_argument("--bundle", required=True, type=Path, help="bundle whose configs/inference.json gets the point")
+    c.add_argument("--datalist", required=True, type=Path, help="labelled cases to fit on")
+    c.add_argument("--section", default="validation", help="datalist section to fit on")
+    c.add_argument("--specificity", type=float, default=0.9,
+                   help="share of lesion-free slices the threshold calls negative on those cases")
+    c.add_argument("--measure", action="append", default=[], metavar="NAME=DATALIST[:SECTION]",
+                   help="after fitting, score the bundle at its operating point on these cases (section default "
+                        "testing); repeatable")
+    c.add_argument("--report", type=Path, help="write the fitted point and every score as JSON here")
+    c.add_argument("--dry-run", action="store_true", help="fit and measure, but leave the bundle unchanged")
+    c.set_defaults(func=_calibrate)
 
     e = sub.add_parser("explain", help="saliency volume, overlay, predictions (and scores) for one scan")
     bundle_args(e)

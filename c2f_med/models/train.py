@@ -78,9 +78,13 @@ class TrainConfig:
     twin_negative: float = 0.75  # share of negatives taken at a positive's slice of the lesion-free twin
     seed: int = 0
     init: str | None = None  # state dict (a model.pt) to start from instead of random weights: fine-tuning
-    bf16: bool = True  # CPU autocast to bfloat16 for the forward pass (fp32 master weights): ~1.8x faster here
+    # CPU autocast to bfloat16 for the forward pass (fp32 master weights): ~1.8x faster on CPUs with bfloat16 units
+    # (AVX-512 BF16 / AMX); emulated, ~100x slower, without them (59 s per step measured on an AVX2-only CPU)
+    bf16: bool = True
     model: dict = field(default_factory=dict)  # LesionViT keyword arguments (run_training: the bundle's network_def)
     img_size: int = 96
+    randomised_fraction: float = 0.0  # share of pool anatomies drawn domain-randomised (c2f_med.synth.randomised)
+    families: tuple[str, ...] = ()  # lesion families on those anatomies (empty: the training families)
 
 
 RECIPE_FIXED = ("steps", "epoch_steps", "seed", "init", "model", "img_size")  # set by run_training's own arguments
@@ -157,18 +161,37 @@ class OnlineLesionSlices(IterableDataset):
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
+    def _anatomy(self, rng: np.random.Generator):
+        """A fresh pool anatomy: domain-randomised (training regimes only) with probability
+        ``randomised_fraction``, else a T1 / T2 / FLAIR one."""
+        from c2f_med.synth.anatomy import make_anatomy
+        from c2f_med.synth.randomised import make_random_anatomy
+
+        if rng.random() < self.cfg.randomised_fraction:
+            return make_random_anatomy(rng)
+        return make_anatomy(rng)
+
     def _twins(self, anatomy, rng: np.random.Generator, step: int):
         """One volume with fresh lesions and its lesion-free twin (same bias and noise), both through
         the inference preset and slicing: :func:`slice_dataset`'s ``(x, y, index, masks)`` of each."""
         from c2f_med.io.transforms import MRPercentileNorm
+        from c2f_med.synth import randomised
         from c2f_med.synth.anatomy import finalise
         from c2f_med.synth.lesions import insert_lesions
 
         n = int(rng.integers(self.cfg.lesions_per_volume[0], self.cfg.lesions_per_volume[1] + 1))
-        lesioned, mask, _ = insert_lesions(anatomy.image, anatomy, rng, n, **_curriculum(self.cfg, step))
+        scanner = None
+        if anatomy.contrast.startswith("random:"):  # a domain-randomised anatomy: lesion families, a resolution
+            families = tuple(self.cfg.families) or randomised.TRAINING_FAMILIES
+            lesioned, mask, _ = randomised.insert_random_lesions(anatomy.image, anatomy, rng, n, families)
+            scanner = randomised.sample_scanner(rng)
+        else:
+            lesioned, mask, _ = insert_lesions(anatomy.image, anatomy, rng, n, **_curriculum(self.cfg, step))
         noise_seed = int(rng.integers(2**31))
         out = []
         for image, label in ((lesioned, mask), (anatomy.image, np.zeros_like(mask))):
+            if scanner is not None:
+                image = randomised.degrade(image, scanner, anatomy.spacing)
             image = finalise(image, anatomy.bias, anatomy.noise_sigma, np.random.default_rng(noise_seed))
             image = MRPercentileNorm()(torch.from_numpy(image)[None])[0].as_tensor()  # plain tensor: fast ops
             out.append(slice_dataset(image, torch.from_numpy(label), self.cfg.img_size))
@@ -178,11 +201,9 @@ class OnlineLesionSlices(IterableDataset):
         """Positives: slices through fresh lesions. Negatives: with probability ``twin_negative`` the
         same slice of the lesion-free twin, else any slice of the twin. Pairing removes the shortcut
         that lesion-bearing slices sit mid-brain while lesion-free ones are edge slices."""
-        from c2f_med.synth.anatomy import make_anatomy
-
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
-        pool = [make_anatomy(rng) for _ in range(cfg.anatomy_pool)]
+        pool = [self._anatomy(rng) for _ in range(cfg.anatomy_pool)]
         buffer: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (slice, model-grid mask, label)
         volumes = 0
         for step in itertools.count():
@@ -197,7 +218,7 @@ class OnlineLesionSlices(IterableDataset):
                     buffer.append((tx[q], tm[q], 0))
                 volumes += 1
                 if volumes % cfg.anatomy_refresh == 0:
-                    pool[int(rng.integers(len(pool)))] = make_anatomy(rng)
+                    pool[int(rng.integers(len(pool)))] = self._anatomy(rng)
             order = rng.permutation(len(buffer))
             take = order[: cfg.batch_size]
             images = torch.stack([buffer[i][0] for i in take])

@@ -89,6 +89,29 @@ def test_online_batches_are_balanced_twins_and_seeded():
     torch.testing.assert_close(a["image"], b["image"])
 
 
+def test_randomised_fraction_draws_domain_randomised_anatomies_of_training_regimes(monkeypatch):
+    from c2f_med.synth import randomised
+
+    cfg = TrainConfig(anatomy_pool=2, batch_size=8, seed=4, randomised_fraction=1.0, families=("ring",))
+    source = OnlineLesionSlices(cfg)
+    rng = np.random.default_rng(0)
+    anatomies = [source._anatomy(rng) for _ in range(2)]
+    assert all(a.contrast.split(":")[1] in randomised.TRAINING_REGIMES for a in anatomies)
+    assert OnlineLesionSlices(TrainConfig())._anatomy(rng).contrast in ("t1", "t2", "flair")
+    drawn = []
+    real = randomised.insert_random_lesions
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        drawn.extend(lesion.family for lesion in out[2])
+        return out
+
+    monkeypatch.setattr(randomised, "insert_random_lesions", spy)
+    batch = next(iter(source))
+    assert batch["image"].shape == (8, 1, 96, 96) and set(drawn) == {"ring"}
+    assert batch["mask"][batch["label"] == 1].amax((1, 2, 3)).min() > 0
+
+
 def test_augment_keeps_shape_and_is_seeded():
     x = torch.randn(4, 1, 32, 32)
     y1, y2 = augment(x, np.random.default_rng(0)), augment(x, np.random.default_rng(0))
