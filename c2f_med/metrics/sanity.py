@@ -104,13 +104,13 @@ def model_randomisation(
         volume = data["image"].as_tensor()[0]
         label = torch.movedim(torch.as_tensor(data["label"])[0], axis, 0)
         lesion = [int(i) for i in torch.nonzero(label.flatten(1).any(1)).flatten()]
-        if lesion:
-            slices.append(volume_slices(volume, axis, lesion).float())
+        if lesion:  # on the model's grid, so that cases of other sizes stack
+            slices.append(to_model_grid(volume_slices(volume, axis, lesion).float(), tuple(model.input_size))[0])
     if not slices:
         return {}
-    raw = torch.cat(slices)
-    pick = np.unique(np.linspace(0, raw.shape[0] - 1, min(max_slices, raw.shape[0])).round().astype(int))
-    x = normalise_input(to_model_grid(raw[torch.as_tensor(pick)], tuple(model.input_size))[0]).to(device)
+    grid = torch.cat(slices)
+    pick = np.unique(np.linspace(0, grid.shape[0] - 1, min(max_slices, grid.shape[0])).round().astype(int))
+    x = normalise_input(grid[torch.as_tensor(pick)]).to(device)
     randomised = load_bundle(bundle.root, device, reinit_seed=seed).model
     result = randomisation_check(model, randomised, x, methods, bundle.lesion_class, params)
     for value in result.values():

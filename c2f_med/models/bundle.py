@@ -276,10 +276,6 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu", *, reinit_
         model = wrap_model(net, zoo.model_input, backbone)
     except UnsupportedModel as err:
         raise InputError(config_file, f"network_def: {err}") from err
-    declared = zoo.model_input.spatial_shape
-    if isinstance(net, TokenViT) and declared is not None and tuple(declared) != tuple(model.input_size):
-        raise InputError(root / "configs" / "metadata.json", f"spatial_shape {list(declared)} differs from the "
-                                                             f"network's input {list(model.input_size)}")
     names = zoo.class_names if len(zoo.class_names) == model.num_classes else ()
     names = names or tuple(f"class {i}" for i in range(model.num_classes))
     target = declared_target(parser)

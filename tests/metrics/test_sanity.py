@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -50,3 +51,14 @@ def test_committed_bundle_passes_the_model_randomisation_check(synth_case):
     for method, value in result.items():
         assert value["slices"] == 3 and value["seed"] == 2018
         assert value["spearman"] < FLAG_ABOVE and not value["flagged"], (method, value)
+
+
+def test_model_randomisation_over_cases_of_other_sizes(tiny_bundle, tiny_datalist):
+    """Lesion slices of cases with different shapes are taken on the model's grid; the summary entry's form."""
+    from c2f_med.io.manifest import read_datalist
+
+    items = read_datalist(tiny_datalist, "testing")
+    assert len({nib.load(i["image"]).shape for i in items}) > 1
+    result = model_randomisation(load_bundle(tiny_bundle), items, ["rollout"], max_slices=4)
+    assert set(result["rollout"]) == {"spearman", "flagged", "slices", "seed"}
+    assert result["rollout"]["slices"] == 4 and -1 <= result["rollout"]["spearman"] <= 1

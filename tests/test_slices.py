@@ -1,0 +1,30 @@
+"""Slices onto the model's grid and back: square and non-square inputs, channel repeat."""
+
+import pytest
+import torch
+
+from c2f_med.slices import from_model_grid, repeat_channels, to_model_grid
+
+
+@pytest.mark.parametrize(("shape", "size", "side"), [((30, 50), 64, (50, 50)), ((30, 50), (32, 48), (33, 50)),
+                                                     ((60, 20), (48, 32), (60, 40))])
+def test_round_trip_keeps_a_smooth_slice(shape, size, side):
+    h, w = shape
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    smooth = (yy + 2 * xx)[None, None]
+    x, geom = to_model_grid(smooth, size)
+    assert x.shape[-2:] == ((size, size) if isinstance(size, int) else size) and geom.side == side
+    back = from_model_grid(x[:, 0], geom)
+    assert back.shape == (1, h, w)
+    assert (back - smooth[:, 0]).abs()[:, 2:-2, 2:-2].max() < 0.05
+
+
+def test_repeat_channels_sends_gradients_back_to_the_gray_channel():
+    x = torch.randn(2, 1, 4, 4, requires_grad=True)
+    y = repeat_channels(x, 3)
+    assert y.shape == (2, 3, 4, 4)
+    (y * torch.arange(3.0).view(1, 3, 1, 1)).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
+    assert repeat_channels(x, 1) is x
+    with pytest.raises(ValueError):
+        repeat_channels(torch.zeros(1, 2, 4, 4), 3)
