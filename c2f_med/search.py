@@ -15,7 +15,8 @@ lesion slices of the validation cases with every variant (the real explainers, t
 The scores that decide are those of the TP stratum: the lesion slices the model calls positive
 (lesion probability >= the bundle's operating threshold, 0.5 when the bundle declares none;
 ``operating_point`` says which). Where the model misses the lesion every explainer points elsewhere,
-so averaging those slices in says nothing about the explainers.
+so averaging those slices in says nothing about the explainers. (Without any TP slice, all lesion
+slices decide and ``stratum`` says ``"all"``.)
 
 Selection rule (:func:`select`), fixed before the test split is looked at:
 
@@ -91,6 +92,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the clustering tree cut in its widest merge gap near the thresholds (stable to tiny input changes)
     "best-costaware-split-cls-gap": {"evaluation": "best", "costaware": True, "granularity": "split",
                                      "importance": "cls", "cut": "gap"},
+    # AF on LeGrad's per-layer class-gradient relation (importance: LeGrad's map)
+    "best-costaware-split-legrad": {"evaluation": "best", "costaware": True, "granularity": "split",
+                                    "importance": "cls", "relation": "legrad"},
+    "best-costaware-split-legrad-gap": {"evaluation": "best", "costaware": True, "granularity": "split",
+                                        "importance": "cls", "relation": "legrad", "cut": "gap"},
+    "legrad-noS3WM": {"s3wm": False, "importance": "cls", "relation": "legrad"},
 }
 
 RULE = ("among c2f variants with validation mIoU >= the best baseline's and cost (forward + 2 x backward passes "
@@ -173,13 +180,14 @@ def run_search(
                           if k != "not_applicable"}}
                 for name, method, _ in runs}
 
-    results = results_of(tp_rows)
+    stratum = "tp" if tp_rows else "all"  # without a slice the model calls positive, all lesion slices decide
+    results = results_of(tp_rows if tp_rows else rows)
     report = {
         "section": section,
         "datalists": [str(d) for d in datalists],
         "cases": len(items),
         "lesion_slices": len({(r["case"], r["slice"]) for r in rows}),
-        "stratum": "tp",
+        "stratum": stratum,
         "operating_point": {"threshold": point.threshold, "source": point.source},
         "tp_slices": len({(r["case"], r["slice"]) for r in tp_rows}),
         "results": results,
@@ -225,8 +233,9 @@ def render_search(report: Mapping[str, Any]) -> str:
     return (
         f"# C2F design search: {report['section']} split, {report['cases']} cases, "
         f"{report['lesion_slices']} lesion slices\n\n"
-        f"Scores on the TP stratum: the {report['tp_slices']} lesion slices the model calls positive "
-        f"(p >= {point['threshold']:g}, threshold from the {point['source']}).\n\n"
+        + (f"Scores on the TP stratum: the {report['tp_slices']} lesion slices the model calls positive "
+           f"(p >= {point['threshold']:g}, threshold from the {point['source']}).\n\n"
+           if report["stratum"] == "tp" else "No lesion slice is called positive: scores on all lesion slices.\n\n")
         + head
         + "\n".join(lines)
         + f"\n\nRule: {sel['rule']}.\n\nBest baseline mIoU {sel['best_baseline_miou']:.3f}; vitcx cost "

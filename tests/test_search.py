@@ -22,7 +22,8 @@ def _result(method, ap, topk, miou, fwd, bwd=0.0):
 
 def _report_text(results):
     return render_search({"section": "validation", "cases": 1, "lesion_slices": 1, "results": results,
-                          "selection": select(results)})
+                          "selection": select(results), "stratum": "tp", "tp_slices": 1,
+                          "operating_point": {"threshold": 0.5, "source": "default"}})
 
 
 def test_select_applies_the_miou_and_cost_conditions():
@@ -79,6 +80,12 @@ def test_search_end_to_end_matches_evaluate(tiny_bundle, tiny_datalist, tmp_path
     with open(tmp_path / "s" / "search.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["variant"] for r in rows} == set(report["results"])
+    # the deciding stratum: the lesion slices the model calls positive
+    tp = {(r["case"], r["slice"]) for r in rows if float(r["probability"]) >= 0.5}
+    assert report["tp_slices"] == len(tp) and report["operating_point"] == {"threshold": 0.5, "source": "default"}
+    assert report["stratum"] == ("tp" if tp else "all")
+    if tp:
+        assert report["results"]["vitcx"]["slices"] == len(tp)
     # the same variant through c2f-med evaluate's path gives the same scores
     summary = run_evaluate(
         tiny_bundle,
@@ -88,7 +95,7 @@ def test_search_end_to_end_matches_evaluate(tiny_bundle, tiny_datalist, tmp_path
         params={"c2f": variant_params("best-costaware")},
         progress=False,
     )
-    got = report["results"]["best-costaware"]
+    got = report["results_all"]["best-costaware"]
     for key in ("ap", "iou_topk", "miou", "forward_passes_per_slice"):
         np.testing.assert_allclose(got[key], summary["methods"]["c2f"][key], rtol=1e-9)
 

@@ -15,6 +15,7 @@ import torch
 
 from c2f_med.explain.af import fine_map, relation_matrix, rows_normalised
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
+from c2f_med.explain.legrad import legrad_relations
 from c2f_med.explain.masks import nested_token_masks
 from c2f_med.explain.perturb import MaskRequest, causal_probabilities, class_probability
 from c2f_med.explain.s3wm import BND, decide, decide_split, evaluation, normaliser, sharpen, three_way
@@ -63,6 +64,7 @@ SPEC_FIRST_DEFAULTS = {
 @register("c2f-first", SPEC_FIRST_DEFAULTS)
 @register("c2f-noS3WM", {"s3wm": False})
 @register("c2f-noAF", {"af": False})
+@register("c2f-legrad", {"relation": "legrad"})
 class C2F(Explainer):
     """C2F-Explainer (Ding et al., TKDE 2024), as reconstructed in the project's spec; the defaults are
     the design search's selection (``c2f_med.search``, variant ``best-costaware-split-cls``).
@@ -85,6 +87,12 @@ class C2F(Explainer):
     at level 1, the causal score otherwise; coverage of the level-1 masks).
     Step 3 (AF): ``R`` = Chefer's gradient-weighted additive relation over all layers
     (``R <- R + E_h[(dy_c/dA^l * A^l)^+] R``); ``E_f = minmax(E_c * up(minmax(R[CLS, patches])))``.
+
+    ``relation="legrad"`` (``c2f-legrad``): AF's relation is LeGrad's per-layer gradient relation
+    (:func:`~c2f_med.explain.legrad.legrad_relations`, each layer's own class score through the final
+    norm and head), summed over the layers from ``l0``; importance ``"cls"`` then reads LeGrad's map
+    (the relation averaged over the query rows). Costs one more forward and ``L - l0 + 1`` partial
+    backward passes per slice instead of GAE's one backward.
 
     Other designs by name (``c2f_med.explain.s3wm``, ``c2f_med.explain.af``): ``evaluation="pc"``
     (``Z = p_c(x)``), ``costaware=False`` (full causal score for every mask), ``granularity="band"``
@@ -117,7 +125,7 @@ class C2F(Explainer):
         granularity: Literal["band", "split"] = "split"  #: level 2: M'_k (band removed) | sub-masks of BND1
         coarse_delta: float = 0.3  #: "split": level-1 masks cut the clustering tree here; sub-masks at `delta`
         af: bool = True  #: Step 3's attention fusion (False: the coarse map is the output)
-        relation: Literal["gae", "rollout-last", "rollout-all"] = "gae"  #: c2f_med.explain.af
+        relation: Literal["gae", "rollout-last", "rollout-all", "legrad"] = "gae"  #: c2f_med.explain.af; legrad
         l0: int = 1  #: first layer (1-based) of the relation; 1 = all layers
         refine: Literal["gate", "propagate", "mix"] = "gate"  #: c2f_med.explain.af
         importance: Literal["cosine", "contrast", "cls"] = "cls"  #: patch importance of "gate" (explain.af)
@@ -133,7 +141,7 @@ class C2F(Explainer):
             out = self.model.run(x, tokens=True, attentions=True, target=t)
         else:
             with torch.inference_mode():
-                out = self.model.run(x, tokens=True, attentions=prm.af)
+                out = self.model.run(x, tokens=True, attentions=prm.af and prm.relation != "legrad")
             t, find_forward = resolve_target(out.logits, target), 0
         p_clean = class_probability(out.logits, t)
         # Step 1 (with granularity "split": coarser level-1 masks and their finer sub-masks)
@@ -155,8 +163,15 @@ class C2F(Explainer):
             coarse = minmax(torch.stack([coverage_map(s, m) for s, m in per_slice]))
             records = [_record(len(m), 2 * len(m), None, len(m)) for m in masks]
         # Step 3
+        legrad_backward = 0
         if prm.af:
-            r = relation_matrix(out.attentions, out.attention_grads, prm.relation, prm.l0)  # B x T x T
+            if prm.relation == "legrad":  # per-layer class scores (LeGrad): one more pass, L - l0 + 1 partial backwards
+                _, _, per_layer = legrad_relations(self.model, x, t, prm.l0)
+                r = torch.stack(per_layer).sum(0)  # B x T x T
+                row, legrad_backward = r.mean(1)[:, 1:], len(per_layer)  # LeGrad's map: mean over the query rows
+            else:
+                r = relation_matrix(out.attentions, out.attention_grads, prm.relation, prm.l0)  # B x T x T
+                row = r[:, 0, 1:]
             maps = fine_map(
                 coarse,
                 rows_normalised(r),
@@ -165,17 +180,18 @@ class C2F(Explainer):
                 prm.refine,
                 prm.mix_lambda,
                 prm.importance,
-                r[:, 0, 1:],
+                row,
             )
         else:
             maps = coarse
-        step0 = 1 + (1 if find_forward else 0)  # per slice: the clean pass (and the class search)
+        # per slice: the clean pass (and the class search, and LeGrad's pass)
+        step0 = 1 + (1 if find_forward else 0) + (1 if legrad_backward else 0)
         for rec in records:
             rec["forward_passes"] += step0
         forward = sum(rec["forward_passes"] for rec in records)
-        return Explanation(
-            saliency=maps.float(), target=t, forward_passes=forward, backward_passes=b if grads else 0, records=records
-        )
+        backward = b if grads else b * legrad_backward
+        return Explanation(saliency=maps.float(), target=t, forward_passes=forward, backward_passes=backward,
+                           records=records)
 
     def _s3wm(
         self,

@@ -10,16 +10,17 @@ import torch
 from c2f_med.explain.base import Explainer, Explanation, register, resolve_target
 from c2f_med.explain.tokens import recorded_outputs, token_explanation
 
-__all__ = ["LeGrad", "legrad_maps"]
+__all__ = ["LeGrad", "legrad_maps", "legrad_relations"]
 
 
-def legrad_maps(model, x: torch.Tensor, target: torch.Tensor | int | None, l0: int = 1
-                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """LeGrad's per-layer token maps of ``x`` (``B x C x H x W``) in one forward pass.
+def legrad_relations(model, x: torch.Tensor, target: torch.Tensor | int | None, l0: int = 1
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """LeGrad's per-layer token relations of ``x`` (``B x C x H x W``) in one forward pass.
 
     For block ``l`` (output ``z^l``, attention probabilities ``A^l``): the layer's score
-    ``s^l = readout(z^l)[target]`` (its CLS token through the final norm and the head), and the map
-    ``m^l = mean_{heads, query rows} ReLU(ds^l / dA^l)[..., patches]`` (``B x N``).
+    ``s^l = readout(z^l)[target]`` (its CLS token through the final norm and the head), and the
+    relation ``G^l = mean_heads ReLU(ds^l / dA^l)`` (``B x T x T``, CLS first); LeGrad's map of the
+    layer is ``G^l`` averaged over the query rows, its patch columns (:func:`legrad_maps`).
 
     Args:
         model: a :class:`~c2f_med.models.vit.TokenViT`.
@@ -27,7 +28,7 @@ def legrad_maps(model, x: torch.Tensor, target: torch.Tensor | int | None, l0: i
         l0: first block (1-based) whose map is returned.
 
     Returns:
-        ``(logits B x C, target B, maps)`` with ``maps[l - l0]`` = ``m^l`` (``B x N``), one partial
+        ``(logits B x C, target B, relations)`` with ``relations[l - l0]`` = ``G^l``, one partial
         backward pass each (from ``s^l`` back to ``A^l``: one block and the head).
     """
     blocks, attention = model.blocks(), model.attention_modules()
@@ -41,8 +42,16 @@ def legrad_maps(model, x: torch.Tensor, target: torch.Tensor | int | None, l0: i
     for layer in range(l0 - 1, len(blocks)):
         score = model.readout(tokens[layer]).gather(1, t.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(score, attn[layer], retain_graph=layer < len(blocks) - 1)
-        maps.append(grad.clamp(min=0).mean(dim=(1, 2))[:, 1:].detach())
+        maps.append(grad.clamp(min=0).mean(dim=1).detach())
     return logits.detach(), t, maps
+
+
+def legrad_maps(model, x: torch.Tensor, target: torch.Tensor | int | None, l0: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """LeGrad's per-layer maps ``m^l = mean_{heads, query rows} ReLU(ds^l / dA^l)[..., patches]``
+    (``B x N`` each; :func:`legrad_relations`): ``(logits, target, maps)``."""
+    logits, t, relations = legrad_relations(model, x, target, l0)
+    return logits, t, [g.mean(1)[:, 1:] for g in relations]
 
 
 @register("legrad")

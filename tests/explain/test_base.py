@@ -22,7 +22,7 @@ def model():
 
 @pytest.mark.parametrize(("name", "param", "value", "valid"), [
     ("c2f", "granularity", "splt", "'band', 'split'"),
-    ("c2f", "relation", "rollout", "'gae', 'rollout-last', 'rollout-all'"),
+    ("c2f", "relation", "rollout", "'gae', 'rollout-last', 'rollout-all', 'legrad'"),
     ("c2f-first", "perturbation", "gaussian", "'noise', 'zero', 'blur', 'mean'"),
     ("vitcx", "perturbation", "Noise", "'noise', 'zero', 'blur', 'mean'"),
     ("occlusion", "mode", "gauss", "'gaussian', 'mean_patch', 'mean_img'"),

@@ -203,3 +203,19 @@ def test_split_granularity_costs_and_counts(model, slices, costaware):
     assert any(r["bnd1"] == r["K"] and r["bnd2"] > 1 for r in res.records)  # the wide band reached sub-masks
     assert sum(seen) == res.forward_passes
     assert res.saliency.shape == (3, 32, 32) and res.saliency.amax() == pytest.approx(1.0)
+
+
+def test_legrad_relation_gates_the_coarse_map_with_legrads_map(model, slices):
+    from c2f_med.explain.af import upsample_tokens
+    from c2f_med.explain.legrad import legrad_maps
+    from c2f_med.explain.tokens import minmax
+
+    fine = create("c2f-legrad", model).explain(slices, 1)
+    coarse = create("c2f-noAF", model).explain(slices, 1)
+    _, _, maps = legrad_maps(model, slices, 1)
+    t = minmax(torch.stack(maps).sum(0))
+    expected = minmax(coarse.saliency * upsample_tokens(t, model.grid, model.input_size))
+    torch.testing.assert_close(fine.saliency, expected, atol=1e-5, rtol=0)
+    layers = model.num_layers
+    assert fine.backward_passes == layers * slices.shape[0]
+    assert fine.forward_passes == coarse.forward_passes + slices.shape[0]  # LeGrad's own pass
