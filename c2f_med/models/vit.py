@@ -213,7 +213,7 @@ class LesionViT(MonaiViTAdapter):
     """The bundle's slice classifier: conv stem (stride 8) + MONAI ViT on the 1x1-patch feature map.
 
     ``B x 1 x H x W`` slices -> ``B x num_classes`` logits (class 1 = the slice shows a lesion).
-    Defaults follow ../shared/docs/training_notes.md: 96 x 96 input, stem stages of 32-64-128 channels,
+    Defaults (the shipped bundle's network): 96 x 96 input, stem stages of 32-64-128 channels,
     6 blocks of width 128 with 4 heads, 12 x 12 tokens of 8 x 8 input pixels each. The bundle's
     ``network_def`` adds ``stem_depth=2`` (a stride-1 conv after each stride-2 one): at 1,000 steps it
     beat one conv per stage by 0.05 validation AUROC for 5 % more time per step.
