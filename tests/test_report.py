@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
+import json
 import math
 import shutil
 import subprocess
@@ -142,18 +144,38 @@ def test_report_without_labels_or_successes(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
-def test_chromium_renders_a_non_blank_page(tmp_path):
+def test_chromium_renders_what_a_reader_sees(tmp_path):
+    """In a real browser: the page renders (a non-blank screenshot), and the DOM Chromium built holds every
+    section, the tables with their rows, and images that decoded (natural width > 0)."""
     summary, rows, overlays, p, y = example(tmp_path)
     path = write_report(tmp_path / "report.html", summary, rows, probabilities=p, labels=y, overlays=overlays)
+    # a script run by the browser writes what it rendered into the DOM that --dump-dom prints
+    probe = tmp_path / "probe.html"
+    probe.write_text(path.read_text().replace("</body>", """<script>window.addEventListener("load", () => {
+  const ids = [...document.querySelectorAll("section[id]")].map(s => s.id);
+  const rows = [...document.querySelectorAll("table")].map(t => t.rows.length);
+  const images = [...document.images].map(i => i.complete && i.naturalWidth > 0);
+  const out = document.createElement("pre"); out.id = "rendered";
+  out.textContent = JSON.stringify({ids, rows, images});
+  document.body.appendChild(out);
+});</script></body>"""))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600"]
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-                    path.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", path.resolve().as_uri()], check=True,
+                   capture_output=True, timeout=120)
     with Image.open(shot) as im:
         grey = np.asarray(im.convert("L"), dtype=np.float64)
     assert grey.shape == (1600, 1200)
     assert grey.std() > 10  # text, tables and plots, not a blank page
     assert (grey < 128).mean() > 0.01
+    dom = subprocess.run(["chromium", *flags, "--virtual-time-budget=5000", "--dump-dom", probe.resolve().as_uri()],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    rendered = json.loads(html.unescape(dom.split('<pre id="rendered">', 1)[1].split("</pre>", 1)[0]))
+    assert [i for i in rendered["ids"] if i in SECTIONS] == SECTIONS
+    assert rendered["rows"] and all(n >= 2 for n in rendered["rows"])  # every table has a header and a row
+    assert len(rendered["images"]) >= 3 and all(rendered["images"])  # the plots and overlays decoded
 
 
 def test_summary_shows_the_strata_tp_first(tmp_path):
