@@ -82,6 +82,7 @@ class ReadScan(Transform):
 
     Args:
         series_uid: SeriesInstanceUID to read from a DICOM folder holding several series.
+        stack: 1-based stack of a multi-frame DICOM image holding several (see :mod:`c2f_med.io.multiframe`).
         allow_2d: accept a 2D image as a one-slice volume; if False it raises InputError.
         allow_constant: accept a volume whose voxels all have one value (an empty mask); if False
             (scans) it raises InputError.
@@ -92,8 +93,10 @@ class ReadScan(Transform):
             voxels, a constant volume.
     """
 
-    def __init__(self, series_uid: str | None = None, allow_2d: bool = True, allow_constant: bool = False):
+    def __init__(self, series_uid: str | None = None, allow_2d: bool = True, allow_constant: bool = False,
+                 stack: int | None = None):
         self.series_uid = series_uid
+        self.stack = stack
         self.allow_2d = allow_2d
         self.allow_constant = allow_constant
         self.loader = LoadImage(image_only=True, dtype=np.float32, ensure_channel_first=True)
@@ -101,7 +104,7 @@ class ReadScan(Transform):
     def __call__(self, path: PathLike) -> MetaTensor:
         kind = scan_kind(path)
         try:
-            img = self.loader(path, reader=reader_for(kind, self.series_uid))
+            img = self.loader(path, reader=reader_for(kind, self.series_uid, self.stack))
         except InputError:
             raise
         except Exception as err:  # the readers' libraries raise many types for a bad file
@@ -145,10 +148,11 @@ class ReadScand(MapTransform):
         allow_2d: bool = True,
         allow_constant: Sequence[bool] | bool = False,
         allow_missing_keys: bool = False,
+        stack: int | None = None,
     ):
         super().__init__(keys, allow_missing_keys)
         flags = ensure_tuple_rep(allow_constant, len(self.keys))
-        self.readers = {key: ReadScan(series_uid, allow_2d, flag) for key, flag in zip(self.keys, flags)}
+        self.readers = {key: ReadScan(series_uid, allow_2d, flag, stack) for key, flag in zip(self.keys, flags)}
 
     def __call__(self, data: Mapping[Hashable, PathLike]) -> dict:
         d = dict(data)
@@ -167,7 +171,7 @@ class LoadScan(Transform):
     Args:
         spacing: output voxel size in mm (one value or three); None keeps the file's voxels.
         mode: interpolation for the resampling ("bilinear" for scans, "nearest" for masks).
-        series_uid, allow_2d, allow_constant: as in :class:`ReadScan`.
+        series_uid, allow_2d, allow_constant, stack: as in :class:`ReadScan`.
     """
 
     def __init__(
@@ -177,8 +181,9 @@ class LoadScan(Transform):
         series_uid: str | None = None,
         allow_2d: bool = True,
         allow_constant: bool = False,
+        stack: int | None = None,
     ):
-        self.read = ReadScan(series_uid, allow_2d, allow_constant)
+        self.read = ReadScan(series_uid, allow_2d, allow_constant, stack)
         self.orient = Orientation(axcodes="RAS", labels=None)
         self.resample = None if spacing is None else Spacing(pixdim=spacing, mode=mode)
 
