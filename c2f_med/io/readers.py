@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,13 @@ DICOM_SUFFIXES = ("dcm",)
 # DICOM tags (PydicomReader's JSON keys) kept in the metadata besides the geometry ones
 MODALITY_TAG = "00080060"
 SLICE_THICKNESS_TAG = "00180050"
+PIXEL_SPACING_TAG = "00280030"
+# objects that are not scans (annotations, dose grids), with what they are
+NOT_SCANS = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM SEG (a segmentation): give it as the lesion mask",
+    "1.2.840.10008.5.1.4.1.1.481.3": "an RT Structure Set (contours): give it as the lesion mask",
+    "1.2.840.10008.5.1.4.1.1.481.2": "an RT Dose grid, not a scan",
+}
 
 
 def _has_suffix(path: PathLike, suffixes: Sequence[str]) -> bool:
@@ -260,6 +268,8 @@ class DicomReader(PydicomReader):
         """One file: a multi-frame image as a :class:`MultiFrameVolume`, else one dataset."""
         kwargs_ = {**self.kwargs, **kwargs}
         ds = pydicom.dcmread(name, **kwargs_)
+        if str(ds.get("SOPClassUID", "")) in NOT_SCANS:
+            raise InputError(name, f"this is {NOT_SCANS[str(ds.SOPClassUID)]}")
         if is_multiframe(ds):
             return read_multiframe(name, self.stack)
         _check_greyscale(name, ds)
@@ -298,7 +308,12 @@ class DicomReader(PydicomReader):
         return meta
 
     def _get_affine(self, metadata: dict, lps_to_ras: bool = True) -> np.ndarray:
-        affine = super()._get_affine(metadata, lps_to_ras=False)
+        with warnings.catch_warnings():  # no position or orientation: handled below
+            warnings.filterwarnings("ignore", message="PydicomReader: ImageOrientationPatient")
+            affine = super()._get_affine(metadata, lps_to_ras=False)
+        if "00200032" not in metadata or "00200037" not in metadata:  # no geometry: PixelSpacing, else 1 mm
+            spacing = [float(v) for v in metadata.get(PIXEL_SPACING_TAG, {}).get("Value", [1.0, 1.0])]
+            affine[:3, :2] = np.diag([s if s > 0 else 1.0 for s in spacing] + [1.0])[:, :2]
         single_slice = "lastImagePositionPatient" not in metadata and "00200037" in metadata
         if single_slice:
             orientation = np.asarray(metadata["00200037"]["Value"], dtype=float).reshape(2, 3)
