@@ -71,7 +71,7 @@ from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
 from c2f_med.atomic import write_csv, write_json
-from c2f_med.case import explain_case
+from c2f_med.case import explain_case, item_options
 from c2f_med.errors import InputError, find_input_error
 from c2f_med.evaluate import CASE_CLASSIFIER_KEYS, CASE_KEYS, FAITHFULNESS, PER_SLICE_HEAD, evaluate_case
 from c2f_med.explain import create
@@ -230,7 +230,7 @@ def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.Path
     try:
         set_determinism(seed)
         result = explain_case(bundle, item["image"], cases_dir, mask=item.get("label"), method=method, params=params,
-                              case_id=case, progress=False)
+                              case_id=case, progress=False, **item_options(item))
         scored = None
         if "label" in item:
             set_determinism(seed)

@@ -38,7 +38,8 @@ from c2f_med.metrics.localisation import localisation_scores
 from c2f_med.models.bundle import Bundle
 from c2f_med.provenance import provenance
 
-__all__ = ["CaseResult", "load_scan", "score_volume", "tolerance_voxels", "case_scores", "write_predictions",
+__all__ = ["CaseResult", "ITEM_OPTIONS", "item_options",
+           "load_scan", "score_volume", "tolerance_voxels", "case_scores", "write_predictions",
            "write_case", "explain_case"]
 
 
@@ -58,16 +59,30 @@ class CaseResult:
 
 
 def load_scan(image: str | Path, mask: str | Path | None, preset: str = "auto",
-              series_uid: str | None = None) -> dict[str, Any]:
+              series_uid: str | None = None, *, stack: int | None = None, segment: str | int | None = None,
+              roi: str | int | None = None) -> dict[str, Any]:
     """``{"image": 1 x X x Y x Z in [0, 1] (RAS), "label": 1 x X x Y x Z uint8 or absent}``.
 
+    ``mask`` may be a NIfTI / MHA / NRRD image, a .seg.nrrd, a DICOM SEG (``segment``: number or label) or
+    an RTSTRUCT (``roi``: number or name); ``stack`` picks the stack of a multi-frame DICOM scan.
     Raises :class:`~c2f_med.errors.InputError` (possibly wrapped by MONAI's ``Compose``; see
     :func:`c2f_med.errors.find_input_error`) for bad files or a mask off the scan's grid.
     """
     data = {"image": str(image)}
     if mask is not None:
         data["label"] = str(mask)
-    return load_case_transforms(keys=("image", "label"), preset=preset, series_uid=series_uid)(data)
+    return load_case_transforms(keys=("image", "label"), preset=preset, series_uid=series_uid, stack=stack,
+                                segment=segment, roi=roi)(data)
+
+
+#: datalist item keys that choose what is read from a case's files (all optional)
+ITEM_OPTIONS = ("stack", "segment", "roi")
+
+
+def item_options(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A datalist item's ``"stack"`` (multi-frame DICOM scan), ``"segment"`` (DICOM SEG / .seg.nrrd mask) and
+    ``"roi"`` (RTSTRUCT mask) values, as keyword arguments of :func:`load_scan` / :func:`explain_case`."""
+    return {key: item[key] for key in ITEM_OPTIONS if item.get(key) is not None}
 
 
 def score_volume(saliency: np.ndarray, mask: np.ndarray, axis: int, tolerance: float) -> dict[str, Any]:
@@ -173,6 +188,9 @@ def explain_case(
     dicom_export: bool = True,
     deidentify: bool = False,
     progress: bool = True,
+    stack: int | None = None,
+    segment: str | int | None = None,
+    roi: str | int | None = None,
 ) -> CaseResult:
     """Explain one scan with ``method`` and write ``out_root/<case>/`` (see the module docstring).
 
@@ -188,10 +206,12 @@ def explain_case(
         case_id: output folder name (default: from the input's file or folder name).
         dicom_export: for DICOM inputs, also write a Parametric Map series into ``dicom/``.
         deidentify: strip patient identifiers from DICOM outputs.
+        stack: which stack of a multi-frame DICOM image holding several (1-based).
+        segment, roi: which segment of a DICOM SEG / .seg.nrrd mask, which ROI of an RTSTRUCT mask.
     """
     start = time.perf_counter()
     case = case_id or case_id_of(image)
-    data = load_scan(image, mask, bundle.preset, series_uid)
+    data = load_scan(image, mask, bundle.preset, series_uid, stack=stack, segment=segment, roi=roi)
     scan = data["image"]
     explainer = create(method, bundle.model, **(params or {}))
     result = explain_volume(scan, explainer, axis=axis, target=bundle.lesion_class, slice_batch=slice_batch,

@@ -64,7 +64,7 @@ def _explain(a: argparse.Namespace) -> None:
     result = explain_case(bundle, a.input, a.out, mask=a.mask, method=a.method,
                           params=parse_params(a.param).get(a.method), axis=a.axis,
                           min_probability=a.min_probability, normalise=a.normalise, series_uid=a.series_uid,
-                          deidentify=a.deidentify)
+                          deidentify=a.deidentify, stack=a.stack, segment=a.segment, roi=a.roi)
     print(f"{result.case_id}: {result.explained_slices} slices explained in {result.seconds:.1f} s -> {result.folder}")
 
 
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="saliency volume, overlay, predictions (and scores) for one scan")
     bundle_args(e)
     e.add_argument("--input", required=True, type=Path, help="NIfTI/MHA/NRRD file, DICOM folder or DICOM file")
-    e.add_argument("--mask", type=Path, help="lesion mask on the scan's grid (adds scores.json)")
+    e.add_argument("--mask", type=Path, help="lesion mask (adds scores.json): NIfTI/MHA/NRRD on the scan's grid, "
+                                             "Slicer .seg.nrrd, DICOM SEG or RTSTRUCT file")
     e.add_argument("--method", default="c2f")
     e.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
     e.add_argument("--out", required=True, type=Path)
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--normalise", choices=("slice", "volume"), default="slice")
     e.add_argument("--series-uid", help="SeriesInstanceUID, for a folder holding several series")
     e.add_argument("--deidentify", action="store_true", help="strip patient identifiers from DICOM outputs")
+    e.add_argument("--stack", type=int, help="stack number of a multi-frame DICOM image holding several (1-based)")
+    e.add_argument("--segment", help="segment of a DICOM SEG or .seg.nrrd mask, by number or label")
+    e.add_argument("--roi", help="ROI of an RTSTRUCT mask, by number or name")
     e.set_defaults(func=_explain)
 
     v = sub.add_parser("evaluate", help="score explanation methods against lesion masks over a datalist")

@@ -56,7 +56,7 @@ import torch
 from tqdm.auto import tqdm
 
 from c2f_med.atomic import atomic_path, write_csv
-from c2f_med.case import load_scan, tolerance_voxels
+from c2f_med.case import item_options, load_scan, tolerance_voxels
 from c2f_med.errors import InputError, find_input_error
 from c2f_med.explain import Explainer, Explanation, create, explain_volume
 from c2f_med.export.overlays import CONTOUR_COLOUR, display_slice, heat_colormap
@@ -183,7 +183,7 @@ def evaluate_case(
     """
     params = params or {}
     case = item["case_id"]
-    data = load_scan(item["image"], item["label"], bundle.preset)
+    data = load_scan(item["image"], item["label"], bundle.preset, **item_options(item))
     scan = data["image"]  # 1 x X x Y x Z in [0, 1]
     label = data["label"][0].numpy() > 0  # X x Y x Z
     volume = scan.as_tensor()[0]  # X x Y x Z

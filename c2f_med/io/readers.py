@@ -59,6 +59,7 @@ DICOM_SUFFIXES = ("dcm",)
 MODALITY_TAG = "00080060"
 SLICE_THICKNESS_TAG = "00180050"
 PIXEL_SPACING_TAG = "00280030"
+FRAME_OF_REFERENCE_TAG = "00200052"
 # objects that are not scans (annotations, dose grids), with what they are
 NOT_SCANS = {
     "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM SEG (a segmentation): give it as the lesion mask",
@@ -295,14 +296,14 @@ class DicomReader(PydicomReader):
             "stack": data.stack.summary(),
         }
         meta["spacing"] = affine_to_spacing(affine, r=3)
-        for tag in (MODALITY_TAG,):
+        for tag in (MODALITY_TAG, FRAME_OF_REFERENCE_TAG):
             if int(tag, 16) in data.dataset:
                 meta[tag] = data.dataset[int(tag, 16)].to_json_dict(None, 0)
         return array, meta
 
     def _get_meta_dict(self, img) -> dict:
         meta = super()._get_meta_dict(img)
-        for tag in (MODALITY_TAG, SLICE_THICKNESS_TAG):
+        for tag in (MODALITY_TAG, SLICE_THICKNESS_TAG, FRAME_OF_REFERENCE_TAG):
             if tag not in meta and int(tag, 16) in img:
                 meta[tag] = img[int(tag, 16)].to_json_dict(None, 0)
         return meta
