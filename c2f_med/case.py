@@ -8,7 +8,8 @@ case folder looks the same whichever way it was made::
     OUT/<case>/predictions.csv   slice, probability, explained
     OUT/<case>/scores.json       localisation scores vs the lesion mask (only with a mask)
     OUT/<case>/provenance.json   bundle hash, method and parameters, inputs' hashes, versions, timings
-    OUT/<case>/dicom/            for DICOM inputs: a Parametric Map of the saliency (optional)
+    OUT/<case>/dicom/            for DICOM inputs: the saliency as a Parametric Map, a SEG of the salient
+                                 region and a Secondary Capture overlay series (optional)
 
 The folder is written to a temporary sibling and renamed when complete, so a killed run never
 leaves a half-written case folder.
@@ -235,14 +236,17 @@ def explain_case(
 
 
 def _export_dicom(saliency, scan, image, folder: Path, series_uid: str | None, deidentify: bool) -> None:
-    """Parametric Map of the saliency for a DICOM input; a source that cannot carry one (no frame of
-    reference, say) costs the DICOM export only, with a warning, never the case's other outputs."""
+    """DICOM exports of the saliency for a DICOM input (:func:`c2f_med.export.dicom.save_dicom_exports`: a
+    Parametric Map, a SEG of the salient region, a Secondary Capture overlay series); a source that cannot
+    carry them (no frame of reference, say) costs the DICOM export only, with a warning, never the case's
+    other outputs."""
     from c2f_med.errors import InputError
-    from c2f_med.export.dicom import save_parametric_map
+    from c2f_med.export.dicom import save_dicom_exports
 
+    stack = scan.meta.get("stack_number")
     try:
-        save_parametric_map(to_original_grid(saliency, scan), image, folder, series_uid=series_uid,
-                            deidentify=deidentify)
+        save_dicom_exports(to_original_grid(saliency, scan), to_original_grid(scan, scan), image, folder,
+                           series_uid=series_uid, deidentify=deidentify, stack=None if stack is None else int(stack))
     except InputError as err:
         logging.getLogger(__name__).warning("no DICOM export: %s", err)
 

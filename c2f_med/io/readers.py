@@ -294,6 +294,7 @@ class DicomReader(PydicomReader):
             MetaKeys.SPACE: SpaceKeys.RAS if self.affine_lps_to_ras else SpaceKeys.LPS,
             MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
             "stack": data.stack.summary(),
+            "stack_number": data.stack.number,
         }
         meta["spacing"] = affine_to_spacing(affine, r=3)
         for tag in (MODALITY_TAG, FRAME_OF_REFERENCE_TAG):
