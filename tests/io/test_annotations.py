@@ -247,3 +247,20 @@ def test_a_missing_choice_in_a_pipeline_surfaces_as_one_input_error(case):
         load_case_transforms(keys=("image", "label"))({"image": str(case["series"]), "label": str(case["seg"])})
     found = find_input_error(err.value)
     assert found is not None and "choose one with --segment" in str(found)
+
+
+def test_cli_explain_takes_a_multiframe_scan_a_seg_mask_and_a_segment(case, tiny_bundle, tmp_path, capsys):
+    from c2f_med.cli import main
+
+    sources = sorted((pydicom.dcmread(f) for f in case["series"].iterdir()), key=lambda ds: int(ds.InstanceNumber))
+    hd.legacy.LegacyConvertedEnhancedMRImage(sources, hd.UID(), 5, hd.UID(), 1).save_as(tmp_path / "enhanced.dcm")
+    args = ["explain", "--bundle", str(tiny_bundle), "--input", str(tmp_path / "enhanced.dcm"), "--method", "rollout",
+            "--mask", str(case["seg"])]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lesion_seg.dcm: 2 segments" in err and "--segment" in err
+    assert main([*args, "--segment", "lesion", "--out", str(tmp_path / "out")]) == 0
+    folder = tmp_path / "out" / "enhanced"
+    assert json.loads((folder / "scores.json").read_text())["lesion_slices"] > 0
+    written = sorted(p.relative_to(folder / "dicom").as_posix() for p in (folder / "dicom").rglob("*.dcm"))
+    assert written[-2:] == ["saliency_parametric_map.dcm", "saliency_seg.dcm"] and written[0].startswith("overlay/")
