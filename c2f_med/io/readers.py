@@ -282,7 +282,15 @@ class DicomReader(PydicomReader):
         """``PydicomReader.get_data``, and for a multi-frame volume its frames as ``X x Y x Z`` (column, row,
         slice) with the RAS (or LPS) affine of that layout."""
         if not isinstance(data, MultiFrameVolume):
-            return super().get_data(data)
+            try:
+                return super().get_data(data)
+            except Exception as err:  # a pixel data plugin failing on this file's encoding
+                first = data[0] if isinstance(data, list) else data
+                name = self.filenames[0][0] if isinstance(self.filenames[0], list) else self.filenames[0]
+                syntax = first.file_meta.get("TransferSyntaxUID", "?") if hasattr(first, "file_meta") else "?"
+                label = getattr(syntax, "name", str(syntax))
+                reason = one_line(err).rstrip(":")
+                raise InputError(name, f"cannot decode pixel data encoded as {label}: {reason}") from err
         array = np.ascontiguousarray(data.array.transpose(2, 1, 0))  # (slice, row, col) -> (col, row, slice)
         affine = data.affine[:, [2, 1, 0, 3]]
         if self.affine_lps_to_ras:

@@ -85,6 +85,8 @@ def test_read_with_its_geometry_or_refused_in_one_line(path):
         message = str(err)
         assert "\n" not in message and str(path) in message
         assert path.name not in MULTIFRAME_VOLUMES, message
+        if "decode" in message:  # a plugin failure names the encoding
+            assert "pixel data encoded as" in message, message
         return
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     assert img.ndim == 4 and img.shape[0] == 1
