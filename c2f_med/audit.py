@@ -333,10 +333,12 @@ def _remove_stale(out: Path) -> None:
 
 
 def _plan(bundle_dir: str | os.PathLike, datalist: str | os.PathLike, out: Path, method: str,
-          params: Mapping[str, Any] | None, section: str, device: str) -> tuple[_Plan, Bundle]:
+          params: Mapping[str, Any] | None, section: str, device: str,
+          item_defaults: Mapping[str, Any] | None = None) -> tuple[_Plan, Bundle]:
     """Checks in order of cost (datalist, output folder, bundle, method, identity of ``out``), then
     the cases still to do. Raises :class:`InputError` before any case runs."""
     items = read_datalist(datalist, section, check_files=False)  # a missing file fails its case only
+    items = [{**(item_defaults or {}), **item} for item in items]
     if not items:
         raise InputError(datalist, f'the "{section}" list is empty')
     check_output(out, [datalist, *(item[k] for item in items for k in ("image", "label") if k in item)])
@@ -423,6 +425,7 @@ def run_audit(
     section: str = "testing",
     device: str = "cpu",
     progress: bool = True,
+    item_defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Audit every case of ``datalist[section]`` into ``out`` (module docstring); resumable.
 
@@ -437,6 +440,7 @@ def run_audit(
         section: datalist section.
         device: torch device ("cuda" under torchrun: each rank takes ``cuda:<LOCAL_RANK>``).
         progress: show a progress bar over rank 0's cases.
+        item_defaults: ``"stack"`` / ``"segment"`` / ``"roi"`` for the items that do not set their own.
 
     Returns:
         On rank 0 the ``summary.json`` dict; ``None`` on the other ranks.
@@ -454,7 +458,7 @@ def run_audit(
         bundle = None
         if rank == 0:
             try:
-                plan, bundle = _plan(bundle_dir, datalist, out, method, params, section, device)
+                plan, bundle = _plan(bundle_dir, datalist, out, method, params, section, device, item_defaults)
             except InputError as err:
                 plan = ("input", err.path, err.problem)
             except Exception as err:

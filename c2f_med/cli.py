@@ -73,7 +73,8 @@ def _evaluate(a: argparse.Namespace) -> None:
 
     _check_out(a.out, [a.datalist])
     run_evaluate(a.bundle, a.datalist, [m for m in a.methods.split(",") if m], a.out, limit=a.limit,
-                 workers=a.workers, params=parse_params(a.param), section=a.section, device=a.device)
+                 workers=a.workers, params=parse_params(a.param), section=a.section, device=a.device,
+                 item_defaults=_mask_options(a))
 
 
 def _search(a: argparse.Namespace) -> None:
@@ -98,7 +99,12 @@ def _audit(a: argparse.Namespace) -> None:
 
     _check_out(a.out, [a.datalist])
     run_audit(a.bundle, a.datalist, a.out, method=a.method, params=parse_params(a.param).get(a.method),
-              section=a.section, device=a.device)
+              section=a.section, device=a.device, item_defaults=_mask_options(a))
+
+
+def _mask_options(a: argparse.Namespace) -> dict[str, Any]:
+    """``--stack``, ``--segment``, ``--roi`` as datalist item defaults (an item's own keys win)."""
+    return {k: getattr(a, k) for k in ("stack", "segment", "roi") if getattr(a, k, None) is not None}
 
 
 def _check_out(out: Path, inputs: list[Path | None]) -> None:
@@ -131,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
         s.add_argument("--param", action="append", metavar="METHOD.NAME=VALUE",
                        help="override an explainer parameter, e.g. c2f.relation=rollout-last (repeatable)")
+
+    def dicom_choice_args(s: argparse.ArgumentParser, per_case: str = "") -> None:
+        s.add_argument("--stack", type=int,
+                       help=f"stack number of a multi-frame DICOM image holding several (1-based){per_case}")
+        s.add_argument("--segment", help=f"segment of a DICOM SEG or .seg.nrrd mask, by number or label{per_case}")
+        s.add_argument("--roi", help=f"ROI of an RTSTRUCT mask, by number or name{per_case}")
 
     s = sub.add_parser("synth", help="write semi-synthetic lesion scans on MNI152 anatomy")
     s.add_argument("--out", required=True, type=Path)
@@ -172,9 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--normalise", choices=("slice", "volume"), default="slice")
     e.add_argument("--series-uid", help="SeriesInstanceUID, for a folder holding several series")
     e.add_argument("--deidentify", action="store_true", help="strip patient identifiers from DICOM outputs")
-    e.add_argument("--stack", type=int, help="stack number of a multi-frame DICOM image holding several (1-based)")
-    e.add_argument("--segment", help="segment of a DICOM SEG or .seg.nrrd mask, by number or label")
-    e.add_argument("--roi", help="ROI of an RTSTRUCT mask, by number or name")
+    dicom_choice_args(e)
     e.set_defaults(func=_explain)
 
     v = sub.add_parser("evaluate", help="score explanation methods against lesion masks over a datalist")
@@ -185,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, help="only the first N cases")
     v.add_argument("--workers", type=int, default=1, help="worker processes")
     v.add_argument("--section", default="testing", help="datalist section to evaluate")
+    dicom_choice_args(v, "; an item's own key wins")
     v.set_defaults(func=_evaluate)
 
     r = sub.add_parser(
@@ -213,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True, type=Path)
     u.add_argument("--method", default="c2f")
     u.add_argument("--section", default="testing")
+    dicom_choice_args(u, "; an item's own key wins")
     u.set_defaults(func=_audit)
     return p
 

@@ -417,6 +417,7 @@ def run_evaluate(
     section: str = "testing",
     device: str = "cpu",
     progress: bool = True,
+    item_defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``methods`` on the lesion slices of a datalist section and write ``out/`` (module docstring).
 
@@ -431,6 +432,7 @@ def run_evaluate(
         section: datalist section.
         device: torch device.
         progress: show a progress bar over cases x methods.
+        item_defaults: ``"stack"`` / ``"segment"`` / ``"roi"`` for the items that do not set their own.
 
     Returns:
         The summary dict written to ``summary.json``.
@@ -443,7 +445,7 @@ def run_evaluate(
         raise InputError(datalist, f"--limit must be >= 1, got {limit}")
     if workers < 1:
         raise InputError(None, f"--workers must be >= 1, got {workers}")
-    items = read_datalist(datalist, section)[:limit]
+    items = [{**(item_defaults or {}), **item} for item in read_datalist(datalist, section)[:limit]]
     if not items:
         raise InputError(datalist, f'the "{section}" list is empty')
     for i, item in enumerate(items):

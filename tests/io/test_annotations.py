@@ -264,3 +264,23 @@ def test_cli_explain_takes_a_multiframe_scan_a_seg_mask_and_a_segment(case, tiny
     assert json.loads((folder / "scores.json").read_text())["lesion_slices"] > 0
     written = sorted(p.relative_to(folder / "dicom").as_posix() for p in (folder / "dicom").rglob("*.dcm"))
     assert written[-2:] == ["saliency_parametric_map.dcm", "saliency_seg.dcm"] and written[0].startswith("overlay/")
+
+
+def test_evaluate_and_audit_take_the_choice_from_the_flags_or_the_item(case, tiny_bundle, tmp_path, capsys):
+    from c2f_med.cli import main
+    from c2f_med.io.manifest import write_datalist
+
+    bare, keyed = tmp_path / "bare.json", tmp_path / "keyed.json"
+    item = {"image": str(case["series"]), "label": str(case["seg"])}
+    write_datalist(bare, testing=[item])
+    write_datalist(keyed, testing=[{**item, "segment": "lesion"}])
+    common = ["--bundle", str(tiny_bundle)]
+    assert main(["evaluate", *common, "--datalist", str(bare), "--methods", "rollout", "--out", str(tmp_path / "e")]) \
+        == 2
+    assert "choose one with --segment" in capsys.readouterr().err
+    assert main(["evaluate", *common, "--datalist", str(bare), "--methods", "rollout", "--segment", "1",
+                 "--out", str(tmp_path / "e1")]) == 0
+    assert main(["audit", *common, "--datalist", str(keyed), "--method", "rollout", "--segment", "other",
+                 "--out", str(tmp_path / "a1")]) == 0  # the item's own "segment" wins over the flag
+    scores = json.loads(next((tmp_path / "a1").rglob("scores.json")).read_text())
+    assert scores["lesion_slices"] > 0
