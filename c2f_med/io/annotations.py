@@ -218,6 +218,14 @@ def seg_nrrd_segments(image: sitk.Image) -> list[tuple[int, str, int, int]]:
     return out
 
 
+def _single_annotation_file(path: PathLike) -> PathLike:
+    """A folder holding one DICOM file that is a SEG or an RTSTRUCT (a PACS export of one annotation): that file."""
+    if not Path(path).is_dir():
+        return path
+    files = [f for f in sorted(Path(path).iterdir()) if f.is_file() and pydicom.misc.is_dicom(f)]
+    return files[0] if len(files) == 1 and mask_kind(files[0]) != "image" else path
+
+
 class ReadMask(Transform):
     """Read a lesion mask path onto the grid of a scan read by :class:`~c2f_med.io.transforms.ReadScan`.
 
@@ -241,6 +249,7 @@ class ReadMask(Transform):
         roi = self.roi if roi is None else roi
         if not Path(path).exists():
             raise InputError(path, "no such file or folder")
+        path = _single_annotation_file(path)
         kind = mask_kind(path)
         if kind == "image":
             return ReadScan(allow_constant=True)(path)

@@ -160,6 +160,10 @@ def test_every_format_gives_the_mask_on_the_scan_grid(case):
         np.testing.assert_allclose(mask.affine.numpy(), scan.affine.numpy(), atol=1e-4, err_msg=kind)
         np.testing.assert_array_equal(mask[0].numpy() > 0, expected, err_msg=kind)
     assert mask_kind(case["seg"]) == "seg" and mask_kind(case["rtstruct"]) == "rtstruct"
+    folder = case["seg_fractional"].parent / "seg_folder"  # a PACS export: a folder holding the one SEG file
+    folder.mkdir()
+    (folder / "IM0001").write_bytes(case["seg_fractional"].read_bytes())
+    np.testing.assert_array_equal(ReadMask()(folder, scan)[0].numpy() > 0, expected)
 
 
 def test_segments_and_rois_are_listed_and_chosen_by_number_or_name(case):
