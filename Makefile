@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -c constraints.txt -e '.[test]'
+	# lxt (AttnLRP's reference rules, used by a test) without its model-zoo dependencies
+	# (transformers, open_clip, bitsandbytes, ...): only its torch-only functional rules are used
+	$(PIP) install -q -c constraints.txt --no-deps lxt
 	touch $(STAMP)
 
 demo: install

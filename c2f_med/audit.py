@@ -73,7 +73,7 @@ from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
 from c2f_med.atomic import check_output, write_csv, write_json
-from c2f_med.case import FAITHFULNESS, explain_case
+from c2f_med.case import FAITHFULNESS, explain_case, item_options
 from c2f_med.errors import InputError, find_input_error
 from c2f_med.evaluate import CASE_CLASSIFIER_KEYS, CASE_KEYS
 from c2f_med.explain import create
@@ -215,7 +215,7 @@ def audit_case(bundle: Bundle, item: Mapping[str, Any], cases_dir: str | os.Path
         if remote is not None:  # DICOMweb: the cached series (and the server's mask)
             item = remote.resolve(item)
         result = explain_case(bundle, item["image"], cases_dir, mask=item.get("label"), method=method, params=params,
-                              case_id=case, faithfulness=True, progress=False)
+                              case_id=case, faithfulness=True, progress=False, **item_options(item))
         scored = result.scored if "label" in item else None
         record.update(
             status="done", error="",
@@ -305,10 +305,12 @@ def _remove_stale(out: Path) -> None:
 
 
 def _plan(bundle_dir: str | os.PathLike, datalist: str | os.PathLike, out: Path, method: str,
-          params: Mapping[str, Any] | None, section: str, device: str) -> tuple[_Plan, Bundle]:
+          params: Mapping[str, Any] | None, section: str, device: str,
+          item_defaults: Mapping[str, Any] | None = None) -> tuple[_Plan, Bundle]:
     """Checks in order of cost (datalist, output folder, bundle, method, identity of ``out``), then
     the cases still to do. Raises :class:`InputError` before any case runs."""
     items = read_datalist(datalist, section, check_files=False)  # a missing file fails its case only
+    items = [{**(item_defaults or {}), **item} for item in items]
     if not items:
         raise InputError(datalist, f'the "{section}" list is empty')
     check_output(out, [datalist, *(item[k] for item in items for k in ("image", "label") if k in item)])
@@ -400,6 +402,7 @@ def run_audit(
     device: str = "cpu",
     progress: bool = True,
     dicomweb: DicomWebOptions | None = None,
+    item_defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """Audit every case of ``datalist[section]`` into ``out`` (module docstring); resumable.
 
@@ -415,6 +418,7 @@ def run_audit(
         device: torch device ("cuda" under torchrun: each rank takes ``cuda:<LOCAL_RANK>``).
         progress: show a progress bar over rank 0's cases.
         dicomweb: cache, annotations and storing for items that are DICOMweb series URLs (:mod:`c2f_med.pacs`).
+        item_defaults: ``"stack"`` / ``"segment"`` / ``"roi"`` for the items that do not set their own.
 
     Returns:
         On rank 0 the ``summary.json`` dict; ``None`` on the other ranks.
@@ -432,7 +436,7 @@ def run_audit(
         bundle = None
         if rank == 0:
             try:
-                plan, bundle = _plan(bundle_dir, datalist, out, method, params, section, device)
+                plan, bundle = _plan(bundle_dir, datalist, out, method, params, section, device, item_defaults)
             except InputError as err:
                 plan = ("input", err.path, err.problem)
             except Exception as err:

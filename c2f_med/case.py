@@ -10,7 +10,8 @@ explained once. :func:`explain_case` adds the case folder::
     OUT/<case>/predictions.csv   slice, probability (calibrated), explained, positive (the model's decision)
     OUT/<case>/scores.json       localisation scores vs the lesion mask (only with a mask)
     OUT/<case>/provenance.json   bundle hash, method and parameters, inputs' hashes, versions, timings
-    OUT/<case>/dicom/            for DICOM inputs: a Parametric Map of the saliency (optional)
+    OUT/<case>/dicom/            for DICOM inputs: the saliency as a Parametric Map, a SEG of the salient
+                                 region and a Secondary Capture overlay series (optional)
 
 The folder is written to a temporary sibling and renamed when complete, so a killed run never
 leaves a half-written case folder.
@@ -57,9 +58,9 @@ from c2f_med.provenance import provenance
 from c2f_med.slices import INPUT_STD, normalise_input, to_model_grid, volume_slices
 from c2f_med.summary import classifier_rows, iou_counts
 
-__all__ = ["FAITHFULNESS", "LOCALISATION_KEYS", "STABILITY", "CaseResult", "CaseScores", "Metered", "classify",
-           "explain_and_score", "load_scan", "load_variants", "tolerance_voxels", "write_predictions", "write_case",
-           "explain_case"]
+__all__ = ["FAITHFULNESS", "ITEM_OPTIONS", "LOCALISATION_KEYS", "STABILITY", "CaseResult", "CaseScores", "Metered",
+           "classify", "explain_and_score", "item_options", "load_scan", "load_variants", "tolerance_voxels",
+           "write_predictions", "write_case", "explain_case"]
 
 #: faithfulness curves on the model's input grid: ROAD's linear imputation as the fill of both curves
 #: (:mod:`c2f_med.metrics.faithfulness`), 10 steps of 10 % of the pixels. ROAD's noise term is off
@@ -147,27 +148,41 @@ class CaseResult:
 
 
 def load_scan(image: str | Path, mask: str | Path | None, preset: str = "auto",
-              series_uid: str | None = None) -> dict[str, Any]:
+              series_uid: str | None = None, *, stack: int | None = None, segment: str | int | None = None,
+              roi: str | int | None = None) -> dict[str, Any]:
     """``{"image": 1 x X x Y x Z in [0, 1] (RAS), "label": 1 x X x Y x Z uint8 or absent}``.
 
+    ``mask`` may be a NIfTI / MHA / NRRD image, a .seg.nrrd, a DICOM SEG (``segment``: number or label) or
+    an RTSTRUCT (``roi``: number or name); ``stack`` picks the stack of a multi-frame DICOM scan.
     Raises :class:`~c2f_med.errors.InputError` (possibly wrapped by MONAI's ``Compose``; see
     :func:`c2f_med.errors.find_input_error`) for bad files or a mask off the scan's grid.
     """
     data = {"image": str(image)}
     if mask is not None:
         data["label"] = str(mask)
-    return load_case_transforms(keys=("image", "label"), preset=preset, series_uid=series_uid)(data)
+    return load_case_transforms(keys=("image", "label"), preset=preset, series_uid=series_uid, stack=stack,
+                                segment=segment, roi=roi)(data)
+
+
+#: datalist item keys that choose what is read from a case's files (all optional)
+ITEM_OPTIONS = ("stack", "segment", "roi")
+
+
+def item_options(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A datalist item's ``"stack"`` (multi-frame DICOM scan), ``"segment"`` (DICOM SEG / .seg.nrrd mask) and
+    ``"roi"`` (RTSTRUCT mask) values, as keyword arguments of :func:`load_scan` / :func:`explain_case`."""
+    return {key: item[key] for key in ITEM_OPTIONS if item.get(key) is not None}
 
 
 def load_variants(image: str | Path, preset: str = "auto", series_uid: str | None = None,
-                  seed: int = STABILITY["seed"]) -> dict[str, MetaTensor]:
+                  seed: int = STABILITY["seed"], stack: int | None = None) -> dict[str, MetaTensor]:
     """The scan given two ways that should not change an explanation, each ``1 x X x Y x Z`` as
     :func:`load_scan` gives it: ``"int16"``, the stored intensities rounded as a classic DICOM
     series stores them (:func:`~c2f_med.metrics.stability.int16_storage`), and ``"noise"``, with
     Gaussian noise at the scan's own noise floor (:func:`~c2f_med.metrics.stability.noise_floor`,
     ``numpy.random.default_rng(seed)``). Both are perturbed before the intensity preset, as a file
     would be."""
-    steps = load_case_transforms(keys=("image",), preset=preset, series_uid=series_uid).transforms
+    steps = load_case_transforms(keys=("image",), preset=preset, series_uid=series_uid, stack=stack).transforms
     raw = Compose(steps[:-1])({"image": str(image)})["image"]  # before the intensity preset
     preset_step = steps[-1]
     values = raw.as_tensor().double().numpy()
@@ -459,6 +474,9 @@ def explain_case(
     deidentify: bool = False,
     faithfulness: bool = False,
     progress: bool = True,
+    stack: int | None = None,
+    segment: str | int | None = None,
+    roi: str | int | None = None,
 ) -> CaseResult:
     """Explain one scan with ``method`` and write ``out_root/<case>/`` (see the module docstring).
 
@@ -475,13 +493,15 @@ def explain_case(
         dicom_export: for DICOM inputs, also write a Parametric Map series into ``dicom/``.
         deidentify: strip patient identifiers from DICOM outputs.
         faithfulness: with a mask, also the deletion / insertion AUCs of the lesion slices (the audit's).
+        stack: which stack of a multi-frame DICOM image holding several (1-based).
+        segment, roi: which segment of a DICOM SEG / .seg.nrrd mask, which ROI of an RTSTRUCT mask.
 
     Returns:
         :class:`CaseResult`; its ``scored`` holds :func:`explain_and_score`'s rows.
     """
     start = time.perf_counter()
     case = case_id or case_id_of(image)
-    data = load_scan(image, mask, bundle.preset, series_uid)
+    data = load_scan(image, mask, bundle.preset, series_uid, stack=stack, segment=segment, roi=roi)
     scan = data["image"]
     explainer = create(method, bundle.model, **(params or {}))
     label = data["label"][0].numpy() > 0 if "label" in data else None
@@ -505,14 +525,17 @@ def explain_case(
 
 
 def _export_dicom(saliency, scan, image, folder: Path, series_uid: str | None, deidentify: bool) -> None:
-    """Parametric Map of the saliency for a DICOM input; a source that cannot carry one (no frame of
-    reference, say) costs the DICOM export only, with a warning, never the case's other outputs."""
+    """DICOM exports of the saliency for a DICOM input (:func:`c2f_med.export.dicom.save_dicom_exports`: a
+    Parametric Map, a SEG of the salient region, a Secondary Capture overlay series); a source that cannot
+    carry them (no frame of reference, say) costs the DICOM export only, with a warning, never the case's
+    other outputs."""
     from c2f_med.errors import InputError
-    from c2f_med.export.dicom import save_parametric_map
+    from c2f_med.export.dicom import save_dicom_exports
 
+    stack = scan.meta.get("stack_number")
     try:
-        save_parametric_map(to_original_grid(saliency, scan), image, folder, series_uid=series_uid,
-                            deidentify=deidentify)
+        save_dicom_exports(to_original_grid(saliency, scan), to_original_grid(scan, scan), image, folder,
+                           series_uid=series_uid, deidentify=deidentify, stack=None if stack is None else int(stack))
     except InputError as err:
         logging.getLogger(__name__).warning("no DICOM export: %s", err)
 

@@ -92,7 +92,8 @@ def _explain(a: argparse.Namespace) -> None:
         result = explain_case(bundle, source.image, a.out, mask=source.mask, method=a.method,
                               params=parse_params(a.param).get(a.method), axis=a.axis,
                               min_probability=a.min_probability, normalise=a.normalise, series_uid=a.series_uid,
-                              deidentify=a.deidentify, case_id=source.case_id)
+                              deidentify=a.deidentify, case_id=source.case_id, stack=a.stack, segment=a.segment,
+                              roi=a.roi)
         source.finish(result.folder, a.method, bundle)  # --store-results: STOW-RS the DICOM exports
     print(f"{result.case_id}: {result.explained_slices} slices explained in {result.seconds:.1f} s -> {result.folder}")
 
@@ -103,7 +104,7 @@ def _evaluate(a: argparse.Namespace) -> None:
     check_output(a.out, [a.datalist])
     run_evaluate(a.bundle, a.datalist, [m for m in a.methods.split(",") if m], a.out, limit=a.limit,
                  workers=a.workers, params=parse_params(a.param), section=a.section, device=a.device,
-                 stability_slices=a.stability_slices)
+                 stability_slices=a.stability_slices, item_defaults=_mask_options(a))
 
 
 def _search(a: argparse.Namespace) -> None:
@@ -130,7 +131,12 @@ def _audit(a: argparse.Namespace) -> None:
     check_output(a.out, [a.datalist])
     datalist = audit_datalist(a)  # --dicomweb: the QIDO-RS query's series, as a datalist of URLs in OUT
     run_audit(a.bundle, datalist, a.out, method=a.method, params=parse_params(a.param).get(a.method),
-              section=a.section, device=a.device, dicomweb=options_from_args(a))
+              section=a.section, device=a.device, dicomweb=options_from_args(a), item_defaults=_mask_options(a))
+
+
+def _mask_options(a: argparse.Namespace) -> dict[str, Any]:
+    """``--stack``, ``--segment``, ``--roi`` as datalist item defaults (an item's own keys win)."""
+    return {k: getattr(a, k) for k in ("stack", "segment", "roi") if getattr(a, k, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "LEVEL,WIDTH (default: the bundle's preset)")
         s.add_argument("--backbone-attr", metavar="PATH",
                        help="dotted name of the ViT inside a larger network_def module, e.g. backbone or model.vit")
+
+    def dicom_choice_args(s: argparse.ArgumentParser, per_case: str = "") -> None:
+        s.add_argument("--stack", type=int,
+                       help=f"stack number of a multi-frame DICOM image holding several (1-based){per_case}")
+        s.add_argument("--segment", help=f"segment of a DICOM SEG or .seg.nrrd mask, by number or label{per_case}")
+        s.add_argument("--roi", help=f"ROI of an RTSTRUCT mask, by number or name{per_case}")
 
     s = sub.add_parser("synth", help="write semi-synthetic lesion scans on MNI152 anatomy")
     s.add_argument("--out", required=True, type=Path)
@@ -200,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     bundle_args(e)
     e.add_argument("--input", required=True, type=input_path,
                    help="NIfTI/MHA/NRRD file, DICOM folder or DICOM file, or a DICOMweb series URL")
-    e.add_argument("--mask", type=Path, help="lesion mask on the scan's grid (adds scores.json)")
+    e.add_argument("--mask", type=Path, help="lesion mask (adds scores.json): NIfTI/MHA/NRRD on the scan's grid, "
+                                             "Slicer .seg.nrrd, DICOM SEG or RTSTRUCT file, or 'server'")
     e.add_argument("--method", default="c2f")
     e.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
     e.add_argument("--out", required=True, type=Path)
@@ -208,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--normalise", choices=("slice", "volume"), default="slice")
     e.add_argument("--series-uid", help="SeriesInstanceUID, for a folder holding several series")
     e.add_argument("--deidentify", action="store_true", help="strip patient identifiers from DICOM outputs")
+    dicom_choice_args(e)
     add_explain_arguments(e)
     e.set_defaults(func=_explain)
 
@@ -222,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--stability-slices", type=int, default=3, metavar="N",
                    help="slices per case explained again on the scan stored as int16 and with noise at its noise "
                         "floor (saliency correlation per method); 0 switches the test off")
+    dicom_choice_args(v, "; an item's own key wins")
     v.set_defaults(func=_evaluate)
 
     r = sub.add_parser(
@@ -250,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True, type=Path)
     u.add_argument("--method", default="c2f")
     u.add_argument("--section", default="testing")
+    dicom_choice_args(u, "; an item's own key wins")
     add_audit_arguments(u)
     u.set_defaults(func=_audit)
     return p

@@ -65,7 +65,7 @@ import torch
 from tqdm.auto import tqdm
 
 from c2f_med.atomic import atomic_path, write_csv
-from c2f_med.case import FAITHFULNESS, STABILITY, explain_and_score, load_scan, load_variants
+from c2f_med.case import FAITHFULNESS, STABILITY, explain_and_score, item_options, load_scan, load_variants
 from c2f_med.errors import InputError, find_input_error
 from c2f_med.explain import create
 from c2f_med.export.overlays import CONTOUR_COLOUR, display_slice, heat_colormap
@@ -168,10 +168,11 @@ def evaluate_case(
     """
     params = params or {}
     case = item["case_id"]
-    data = load_scan(item["image"], item["label"], bundle.preset)
+    data = load_scan(item["image"], item["label"], bundle.preset, **item_options(item))
     scan = data["image"]  # 1 x X x Y x Z in [0, 1]
     label = data["label"][0].numpy() > 0  # X x Y x Z
-    variants = load_variants(item["image"], bundle.preset) if stability_slices > 0 else None
+    variants = (load_variants(item["image"], bundle.preset, stack=item.get("stack"))
+                if stability_slices > 0 else None)
     out = CaseOutput(index=index, case=case)
     lesion_maps: dict[str, dict[int, np.ndarray]] = {}
     for method in methods:
@@ -376,6 +377,7 @@ def run_evaluate(
     device: str = "cpu",
     stability_slices: int = STABILITY["slices"],
     progress: bool = True,
+    item_defaults: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``methods`` on the lesion slices of a datalist section and write ``out/`` (module docstring).
 
@@ -392,6 +394,7 @@ def run_evaluate(
         stability_slices: slices per case of the stability test (0: off; each costs three explanations
             per method).
         progress: show a progress bar over cases x methods.
+        item_defaults: ``"stack"`` / ``"segment"`` / ``"roi"`` for the items that do not set their own.
 
     Returns:
         The summary dict written to ``summary.json``.
@@ -406,7 +409,7 @@ def run_evaluate(
         raise InputError(None, f"--workers must be >= 1, got {workers}")
     if stability_slices < 0:
         raise InputError(None, f"--stability-slices must be >= 0, got {stability_slices}")
-    items = read_datalist(datalist, section)[:limit]
+    items = [{**(item_defaults or {}), **item} for item in read_datalist(datalist, section)[:limit]]
     if not items:
         raise InputError(datalist, f'the "{section}" list is empty')
     for i, item in enumerate(items):

@@ -41,9 +41,11 @@ its outputs are still written. Nothing identifying the patient is logged or put 
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -56,12 +58,22 @@ from pydicom.sr.codedict import codes
 import c2f_med
 from c2f_med.atomic import atomic_dir
 from c2f_med.errors import InputError
+from c2f_med.export.dicom_sc import SC_FOLDER, overlay_images
+from c2f_med.export.dicom_seg import DEFAULT_THRESHOLD, SEG_FILENAME, saliency_segmentation
 from c2f_med.export.nifti import DESCRIPTION
+from c2f_med.io.multiframe import frame_geometry, is_multiframe, read_multiframe
 from c2f_med.io.readers import DicomReader
 from c2f_med.io.transforms import ReadScan
 
+# highdicom reports every module it copies at INFO ('copy attributes of module "..."'): keep that off a
+# terminal at INFO level
+logging.getLogger("highdicom").setLevel(logging.WARNING)
+
 __all__ = [
     "PM_FILENAME",
+    "DicomSource",
+    "read_source",
+    "save_dicom_exports",
     "ANONYMOUS",
     "read_source_images",
     "deidentified_copy",
@@ -125,6 +137,82 @@ def read_source_images(source: str | os.PathLike, series_uid: str | None = None)
     return sorted(images, key=lambda ds: int(ds.get("InstanceNumber") or 0))
 
 
+@dataclass
+class DicomSource:
+    """What the DICOM exports are built on.
+
+    Attributes:
+        images: highdicom's ``source_images``: the series' images (one per frame), or the one multi-frame image.
+        frames: one header per output frame (ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+            Rows, Columns), in output frame order.
+        references: one dataset per output frame holding its patient and study (the image itself for a series).
+        plane_positions, plane_orientation, pixel_measures: the frames' geometry for a multi-frame source
+            (None for a series: highdicom takes it from the images).
+    """
+
+    images: list[Dataset]
+    frames: list[Dataset]
+    references: list[Dataset]
+    plane_positions: list[hd.PlanePositionSequence] | None = None
+    plane_orientation: hd.PlaneOrientationSequence | None = None
+    pixel_measures: hd.PixelMeasuresSequence | None = None
+
+    def deidentified(self) -> DicomSource:
+        """The same source with :func:`deidentified_copy` images."""
+        copies = {id(ds): deidentified_copy(ds) for ds in [*self.images, *self.references]}
+        return DicomSource([copies[id(ds)] for ds in self.images], self.frames,
+                           [copies[id(ds)] for ds in self.references], self.plane_positions,
+                           self.plane_orientation, self.pixel_measures)
+
+
+def read_source(source: str | os.PathLike, series_uid: str | None = None, stack: int | None = None) -> DicomSource:
+    """The source images of a DICOM scan: a series (:func:`read_source_images`) or a multi-frame image (its
+    chosen stack, frames in the reader's order along the normal).
+
+    Raises:
+        InputError: as :func:`read_source_images`; a multi-frame image without plane geometry or Frame of Reference.
+    """
+    source = Path(source)
+    files = DicomReader(series_uid=series_uid).series_files(source) if source.is_dir() else (str(source),)
+    if len(files) == 1:
+        try:
+            header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        except Exception as err:  # pydicom raises many types for a corrupt header
+            raise InputError(files[0], "corrupt DICOM header: cannot build DICOM exports on it") from err
+        if is_multiframe(header):
+            return _multiframe_source(files[0], header, stack)
+    images = read_source_images(source, series_uid)
+    return DicomSource(images, images, images)
+
+
+def _multiframe_source(name: str, header: Dataset, stack: int | None) -> DicomSource:
+    if "FrameOfReferenceUID" not in header:
+        raise InputError(name, "multi-frame DICOM image without a Frame of Reference: cannot place DICOM exports on it")
+    volume = read_multiframe(name, stack)
+    if volume.stack.key == (("geometry", "file order"),):
+        raise InputError(name, "multi-frame DICOM image without plane positions: cannot place DICOM exports on it")
+    geometry = frame_geometry(name, header)
+    frames = []
+    for number in volume.frames:
+        g = geometry[number - 1]
+        ds = Dataset()
+        ds.ImagePositionPatient, ds.ImageOrientationPatient = list(g.position), list(g.orientation)
+        ds.PixelSpacing, ds.Rows, ds.Columns = list(g.spacing), header.Rows, header.Columns
+        frames.append(ds)
+    first = geometry[volume.frames[0] - 1]
+    thickness = _spacing_between(volume.affine)
+    return DicomSource(
+        [header], frames, [header] * len(frames),
+        plane_positions=[hd.PlanePositionSequence("PATIENT", f.ImagePositionPatient) for f in frames],
+        plane_orientation=hd.PlaneOrientationSequence("PATIENT", first.orientation),
+        pixel_measures=hd.PixelMeasuresSequence(first.spacing, thickness, thickness),
+    )
+
+
+def _spacing_between(affine: NDArray[np.floating]) -> float:
+    return float(np.linalg.norm(np.asarray(affine)[:3, 0]))
+
+
 def deidentified_copy(ds: Dataset) -> Dataset:
     """A new dataset with only the UIDs, geometry and dates of ``ds`` plus :data:`ANONYMOUS` identifiers."""
     out = Dataset()
@@ -173,12 +261,17 @@ def frames_on_source_grid(
 
 
 def parametric_map(
-    frames: NDArray[np.float32], images: Sequence[Dataset], *, series_number: int | None = None
+    frames: NDArray[np.float32], images: Sequence[Dataset], *, series_number: int | None = None,
+    plane_positions: Sequence[hd.PlanePositionSequence] | None = None,
+    plane_orientation: hd.PlaneOrientationSequence | None = None,
+    pixel_measures: hd.PixelMeasuresSequence | None = None,
 ) -> hd.pm.ParametricMap:
-    """A Parametric Map of ``frames`` (``n x Rows x Columns``, one per image of ``images``).
+    """A Parametric Map of ``frames`` (``n x Rows x Columns``, one per image of ``images``, or per plane
+    position of a multi-frame source image).
 
-    Plane positions, orientation and pixel measures are the source images'; each frame references
-    its source image. New Series and SOP Instance UIDs; SeriesNumber ``1000 + source's`` unless given.
+    Plane positions, orientation and pixel measures are the source images' (or the ones given); each
+    frame references its source image. New Series and SOP Instance UIDs; SeriesNumber ``1000 + source's``
+    unless given. The General Series module's Laterality is the source's (empty when it has none).
     """
     images = [_with_type2_attributes(ds) for ds in images]
     low, high = float(min(0.0, frames.min())), float(max(1.0, frames.max()))
@@ -210,8 +303,12 @@ def parametric_map(
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
             content_label="SALIENCY",
             content_description=DESCRIPTION,
+            plane_positions=plane_positions,
+            plane_orientation=plane_orientation,
+            pixel_measures=pixel_measures,
         )
     pm.SeriesDescription = DESCRIPTION
+    pm.Laterality = images[0].get("Laterality", "")  # type 2C: present (empty when unknown)
     return pm
 
 
@@ -222,44 +319,104 @@ def save_parametric_map(
     *,
     series_uid: str | None = None,
     deidentify: bool = False,
+    stack: int | None = None,
 ) -> Path:
     """Write the saliency as a Parametric Map series referencing the source DICOM series.
 
     Args:
         saliency_on_original_grid: ``[1 x] X0 x Y0 x Z0`` on the grid c2f_med's reader gives
             ``source`` (e.g. :func:`~c2f_med.io.transforms.to_original_grid` of the saliency).
-        source: the DICOM series folder or single DICOM file the scan was read from.
+        source: the DICOM series folder, single DICOM file or multi-frame image the scan was read from.
         out_folder: the output series folder (replaced as a whole, atomically); it receives
             :data:`PM_FILENAME`.
         series_uid: the series of a folder that holds several (as given to the reader).
         deidentify: replace the patient identifiers (see the module docstring).
+        stack: the stack of a multi-frame image (as given to the reader).
 
     Returns:
         the path of the Parametric Map file.
 
     Raises:
-        InputError: the source cannot carry a Parametric Map (see :func:`read_source_images`).
+        InputError: the source cannot carry a Parametric Map (see :func:`read_source`).
         ValueError: the saliency is not on the source's grid.
     """
-    saliency = np.asarray(saliency_on_original_grid, dtype=np.float32)
-    if saliency.ndim == 4 and saliency.shape[0] == 1:
-        saliency = saliency[0]
-    if saliency.ndim != 3:
-        raise ValueError(f"saliency must be X x Y x Z (or 1 x X x Y x Z), got shape {saliency.shape}")
-    images = read_source_images(source, series_uid)
-    # the reader's own grid for the array, so the index convention is the one the saliency was made on
-    affine = np.asarray(ReadScan(series_uid=series_uid, allow_constant=True)(source).affine, dtype=np.float64)
-    frames = frames_on_source_grid(saliency, affine, images)
-    if deidentify:
-        images = [deidentified_copy(ds) for ds in images]
-    pm = parametric_map(frames, images)
-    if deidentify:
-        pm.PatientIdentityRemoved = "YES"
-        pm.DeidentificationMethod = "c2f_med: identifiers replaced, UIDs and dates kept"
     out_folder = Path(out_folder)
     with atomic_dir(out_folder) as tmp:
-        pm.save_as(tmp / PM_FILENAME)
+        _write_exports(saliency_on_original_grid, None, source, tmp, series_uid, stack, deidentify)
     return out_folder / PM_FILENAME
+
+
+def save_dicom_exports(
+    saliency_on_original_grid: NDArray[np.floating],
+    scan_on_original_grid: NDArray[np.floating],
+    source: str | os.PathLike,
+    out_folder: str | os.PathLike,
+    *,
+    series_uid: str | None = None,
+    deidentify: bool = False,
+    stack: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> list[Path]:
+    """Write every DICOM export of a saliency map into ``out_folder`` (replaced as a whole, atomically):
+
+    - :data:`PM_FILENAME`: the Parametric Map (:func:`save_parametric_map`);
+    - :data:`~c2f_med.export.dicom_seg.SEG_FILENAME`: a DICOM SEG of ``saliency >= threshold``
+      (:func:`~c2f_med.export.dicom_seg.saliency_segmentation`);
+    - :data:`~c2f_med.export.dicom_sc.SC_FOLDER` ``/overlay_NNN.dcm``: a Secondary Capture series of the
+      scan with the saliency over it, on the most salient slices (:mod:`c2f_med.export.dicom_sc`).
+
+    Args:
+        saliency_on_original_grid, scan_on_original_grid: ``[1 x] X0 x Y0 x Z0`` on the reader's grid of
+            ``source``: the saliency, and the scan as the model saw it (in [0, 1]).
+        source, series_uid, deidentify, stack: as in :func:`save_parametric_map`.
+        threshold: the saliency at or above which a pixel belongs to the SEG's segment.
+
+    Returns:
+        the paths written.
+    """
+    out_folder = Path(out_folder)
+    with atomic_dir(out_folder) as tmp:
+        names = _write_exports(saliency_on_original_grid, scan_on_original_grid, source, tmp, series_uid, stack,
+                               deidentify, threshold)
+    return [out_folder / name for name in names]
+
+
+def _write_exports(saliency, scan, source, folder: Path, series_uid, stack, deidentify, threshold=DEFAULT_THRESHOLD):
+    saliency = _volume(saliency, "saliency")
+    dicom = read_source(source, series_uid, stack)
+    # the reader's own grid for the array, so the index convention is the one the saliency was made on
+    affine = np.asarray(ReadScan(series_uid=series_uid, allow_constant=True, stack=stack)(source).affine,
+                        dtype=np.float64)
+    frames = frames_on_source_grid(saliency, affine, dicom.frames)
+    if deidentify:
+        dicom = dicom.deidentified()
+    geometry = {"plane_positions": dicom.plane_positions, "plane_orientation": dicom.plane_orientation,
+                "pixel_measures": dicom.pixel_measures}
+    outputs = [(PM_FILENAME, parametric_map(frames, dicom.images, **geometry))]
+    if scan is not None:
+        grey = frames_on_source_grid(_volume(scan, "scan"), affine, dicom.frames)
+        outputs.append((SEG_FILENAME, saliency_segmentation(frames, [_with_type2_attributes(d) for d in dicom.images],
+                                                            threshold=threshold, **geometry)))
+        references = [_with_type2_attributes(d) for d in dicom.references]
+        for n, image in enumerate(overlay_images(grey, frames, dicom.frames, references), start=1):
+            outputs.append((f"{SC_FOLDER}/overlay_{n:03d}.dcm", image))
+    for _, ds in outputs:
+        if deidentify:
+            ds.PatientIdentityRemoved = "YES"
+            ds.DeidentificationMethod = "c2f_med: identifiers replaced, UIDs and dates kept"
+    for name, ds in outputs:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / name)
+    return [name for name, _ in outputs]
+
+
+def _volume(array: NDArray[np.floating], what: str) -> NDArray[np.float32]:
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise ValueError(f"{what} must be X x Y x Z (or 1 x X x Y x Z), got shape {array.shape}")
+    return array
 
 
 def _with_type2_attributes(ds: Dataset) -> Dataset:

@@ -5,8 +5,11 @@
   follow ``ITKReader``'s convention: array indexed (x, y, z[, c]), ``affine``/``original_affine``
   in RAS, ``spatial_shape``, ``original_channel_dim``.
 - :class:`DicomReader` is MONAI's ``PydicomReader`` with series selection (a folder may hold
-  several series), readable errors for bad series, the Modality kept in the metadata, and a
-  proper slice axis for a single slice.
+  several series), readable errors for bad series, the Modality kept in the metadata, a
+  proper slice axis for a single slice, and enhanced multi-frame images (one file holding every
+  slice, :mod:`c2f_med.io.multiframe`) read as volumes with a stack choice. Compressed pixel data
+  are decoded by pydicom's pixel data plugins; one no plugin decodes is refused naming its
+  transfer syntax.
 
 Importing this module registers both readers in MONAI's ``SUPPORTED_READERS``, so a plain
 ``LoadImage()`` picks NibabelReader for .nii/.nii.gz, DicomReader for a DICOM folder, a .dcm
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +31,13 @@ import SimpleITK as sitk
 from monai.config import PathLike
 from monai.data import ImageReader, NibabelReader, PydicomReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images, is_dicom_path
-from monai.data.utils import orientation_ras_lps
+from monai.data.utils import affine_to_spacing, orientation_ras_lps
 from monai.transforms.io.array import SUPPORTED_READERS
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from pydicom.uid import MediaStorageDirectoryStorage
 
 from c2f_med.errors import InputError
+from c2f_med.io.multiframe import MultiFrameVolume, check_decodable, is_multiframe, read_multiframe
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -53,6 +58,14 @@ DICOM_SUFFIXES = ("dcm",)
 # DICOM tags (PydicomReader's JSON keys) kept in the metadata besides the geometry ones
 MODALITY_TAG = "00080060"
 SLICE_THICKNESS_TAG = "00180050"
+PIXEL_SPACING_TAG = "00280030"
+FRAME_OF_REFERENCE_TAG = "00200052"
+# objects that are not scans (annotations, dose grids), with what they are
+NOT_SCANS = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM SEG (a segmentation): give it as the lesion mask",
+    "1.2.840.10008.5.1.4.1.1.481.3": "an RT Structure Set (contours): give it as the lesion mask",
+    "1.2.840.10008.5.1.4.1.1.481.2": "an RT Dose grid, not a scan",
+}
 
 
 def _has_suffix(path: PathLike, suffixes: Sequence[str]) -> bool:
@@ -193,18 +206,26 @@ class DicomReader(PydicomReader):
     (PydicomReader puts (0, 0, 1) there whatever the orientation). The Modality tag is kept in
     the metadata (key ``"00080060"``) next to the geometry tags.
 
+    A multi-frame image (a file, or a folder whose series is one file) is read by
+    :func:`~c2f_med.io.multiframe.read_multiframe`: frames sorted along the slice normal, each through
+    its own rescale, into the same ``X x Y x Z`` (column, row, slice) layout and RAS affine as a series;
+    ``stack`` picks one of several stacks. The metadata then hold ``"stack"`` (which frames were read).
+
     Args:
         series_uid: SeriesInstanceUID to read from a folder with several series.
+        stack: 1-based stack number for a multi-frame image holding several stacks.
         kwargs: passed to ``PydicomReader`` (``swap_ij``, ``affine_lps_to_ras``, ...).
 
     Raises (from ``read``):
         InputError: several series and no (or an unknown) ``series_uid``, a corrupt header, slices
-            without position tags, uneven slice spacing, a multi-frame image.
+            without position tags, uneven slice spacing, a multi-frame image whose frames do not make
+            one volume (or several stacks and no ``stack``), pixel data no installed plugin decodes.
     """
 
-    def __init__(self, series_uid: str | None = None, **kwargs):
+    def __init__(self, series_uid: str | None = None, stack: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.series_uid = series_uid
+        self.stack = stack
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         """True for a folder, a ``.dcm`` file or a file that starts with the DICM magic."""
@@ -230,29 +251,79 @@ class DicomReader(PydicomReader):
         if len(names) != 1:
             return super().read(data, **kwargs)
         if not Path(names[0]).is_dir():
-            ds = super().read(data, **kwargs)
-            _check_single_frame(names[0], ds)
-            return ds
+            return self._read_file(names[0], **kwargs)
         files = self.series_files(names[0])
         kwargs_ = {**self.kwargs, **kwargs}
+        if len(files) == 1:
+            return self._read_file(files[0], **kwargs)
         slices = [pydicom.dcmread(f, **kwargs_) for f in files]
-        if len(slices) == 1:
-            _check_single_frame(files[0], slices[0])
-            self.has_series, self.filenames = False, list(files)
-            return slices[0]
+        for name, ds in zip(files, slices):
+            _check_single_frame(name, ds)
+            _check_greyscale(name, ds)
+            check_decodable(name, ds)
         _check_slice_positions(names[0], files, slices)
         self.has_series, self.filenames = True, [list(files)]  # the layout PydicomReader.get_data expects
         return slices
 
+    def _read_file(self, name: PathLike, **kwargs):
+        """One file: a multi-frame image as a :class:`MultiFrameVolume`, else one dataset."""
+        kwargs_ = {**self.kwargs, **kwargs}
+        ds = pydicom.dcmread(name, **kwargs_)
+        if str(ds.get("SOPClassUID", "")) in NOT_SCANS:
+            raise InputError(name, f"this is {NOT_SCANS[str(ds.SOPClassUID)]}")
+        if is_multiframe(ds):
+            return read_multiframe(name, self.stack)
+        _check_greyscale(name, ds)
+        check_decodable(name, ds)
+        self.has_series, self.filenames = False, [os.fspath(name)]
+        return ds
+
+    def get_data(self, data) -> tuple[np.ndarray, dict]:
+        """``PydicomReader.get_data``, and for a multi-frame volume its frames as ``X x Y x Z`` (column, row,
+        slice) with the RAS (or LPS) affine of that layout."""
+        if not isinstance(data, MultiFrameVolume):
+            try:
+                return super().get_data(data)
+            except Exception as err:  # a pixel data plugin failing on this file's encoding
+                first = data[0] if isinstance(data, list) else data
+                name = self.filenames[0][0] if isinstance(self.filenames[0], list) else self.filenames[0]
+                syntax = first.file_meta.get("TransferSyntaxUID", "?") if hasattr(first, "file_meta") else "?"
+                label = getattr(syntax, "name", str(syntax))
+                reason = one_line(err).rstrip(":")
+                raise InputError(name, f"cannot decode pixel data encoded as {label}: {reason}") from err
+        array = np.ascontiguousarray(data.array.transpose(2, 1, 0))  # (slice, row, col) -> (col, row, slice)
+        affine = data.affine[:, [2, 1, 0, 3]]
+        if self.affine_lps_to_ras:
+            affine = orientation_ras_lps(affine)
+        meta = {
+            MetaKeys.ORIGINAL_AFFINE: affine,
+            MetaKeys.AFFINE: affine.copy(),
+            MetaKeys.SPATIAL_SHAPE: np.asarray(array.shape),
+            MetaKeys.SPACE: SpaceKeys.RAS if self.affine_lps_to_ras else SpaceKeys.LPS,
+            MetaKeys.ORIGINAL_CHANNEL_DIM: float("nan"),
+            "stack": data.stack.summary(),
+            "stack_number": data.stack.number,
+        }
+        meta["spacing"] = affine_to_spacing(affine, r=3)
+        for tag in (MODALITY_TAG, FRAME_OF_REFERENCE_TAG):
+            if int(tag, 16) in data.dataset:
+                meta[tag] = data.dataset[int(tag, 16)].to_json_dict(None, 0)
+        return array, meta
+
     def _get_meta_dict(self, img) -> dict:
         meta = super()._get_meta_dict(img)
-        for tag in (MODALITY_TAG, SLICE_THICKNESS_TAG):
+        for tag in (MODALITY_TAG, SLICE_THICKNESS_TAG, FRAME_OF_REFERENCE_TAG):
             if tag not in meta and int(tag, 16) in img:
                 meta[tag] = img[int(tag, 16)].to_json_dict(None, 0)
         return meta
 
     def _get_affine(self, metadata: dict, lps_to_ras: bool = True) -> np.ndarray:
-        affine = super()._get_affine(metadata, lps_to_ras=False)
+        with warnings.catch_warnings():  # no position or orientation: handled below
+            warnings.filterwarnings("ignore", message="PydicomReader: ImageOrientationPatient")
+            affine = super()._get_affine(metadata, lps_to_ras=False)
+        if "00200032" not in metadata or "00200037" not in metadata:  # no geometry: PixelSpacing, else 1 mm
+            spacing = [float(v) for v in metadata.get(PIXEL_SPACING_TAG, {}).get("Value", [1.0, 1.0])]
+            affine[:3, :2] = np.diag([s if s > 0 else 1.0 for s in spacing] + [1.0])[:, :2]
         single_slice = "lastImagePositionPatient" not in metadata and "00200037" in metadata
         if single_slice:
             orientation = np.asarray(metadata["00200037"]["Value"], dtype=float).reshape(2, 3)
@@ -268,8 +339,14 @@ def one_line(err: BaseException) -> str:
 
 
 def _check_single_frame(name: PathLike, ds) -> None:
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1 and "SegmentSequence" not in ds:
-        raise InputError(name, "multi-frame DICOM images are not supported (expected one file per slice)")
+    if is_multiframe(ds):
+        raise InputError(name, "multi-frame DICOM image inside a series of several files: give this file on its own")
+
+
+def _check_greyscale(name: PathLike, ds) -> None:
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise InputError(name, f"colour DICOM image ({ds.get('PhotometricInterpretation', '?')}); "
+                               "a greyscale scan is needed")
 
 
 def _check_slice_positions(folder: PathLike, files: Sequence[str], slices: Sequence) -> None:
@@ -313,10 +390,11 @@ def scan_kind(path: PathLike) -> str:
     raise InputError(path, f"unsupported file type (expected a DICOM folder or one of {supported})")
 
 
-def reader_for(kind: str, series_uid: str | None = None) -> ImageReader:
-    """A reader for a :func:`scan_kind` result; ``series_uid`` picks a series in a DICOM folder."""
+def reader_for(kind: str, series_uid: str | None = None, stack: int | None = None) -> ImageReader:
+    """A reader for a :func:`scan_kind` result; ``series_uid`` picks a series in a DICOM folder, ``stack`` a
+    stack of a multi-frame DICOM image."""
     if kind in ("dicom_series", "dicom_file"):
-        return DicomReader(series_uid=series_uid)
+        return DicomReader(series_uid=series_uid, stack=stack)
     if kind == "nifti":
         return NibabelReader()
     if kind == "itk":

@@ -34,6 +34,7 @@ from monai.transforms import (
 from monai.utils import MetaKeys, ensure_tuple, ensure_tuple_rep
 
 from c2f_med.errors import InputError
+from c2f_med.io.annotations import ReadMaskd
 from c2f_med.io.readers import MODALITY_TAG, one_line, reader_for, scan_kind
 
 __all__ = [
@@ -82,6 +83,7 @@ class ReadScan(Transform):
 
     Args:
         series_uid: SeriesInstanceUID to read from a DICOM folder holding several series.
+        stack: 1-based stack of a multi-frame DICOM image holding several (see :mod:`c2f_med.io.multiframe`).
         allow_2d: accept a 2D image as a one-slice volume; if False it raises InputError.
         allow_constant: accept a volume whose voxels all have one value (an empty mask); if False
             (scans) it raises InputError.
@@ -92,8 +94,10 @@ class ReadScan(Transform):
             voxels, a constant volume.
     """
 
-    def __init__(self, series_uid: str | None = None, allow_2d: bool = True, allow_constant: bool = False):
+    def __init__(self, series_uid: str | None = None, allow_2d: bool = True, allow_constant: bool = False,
+                 stack: int | None = None):
         self.series_uid = series_uid
+        self.stack = stack
         self.allow_2d = allow_2d
         self.allow_constant = allow_constant
         self.loader = LoadImage(image_only=True, dtype=np.float32, ensure_channel_first=True)
@@ -101,7 +105,7 @@ class ReadScan(Transform):
     def __call__(self, path: PathLike) -> MetaTensor:
         kind = scan_kind(path)
         try:
-            img = self.loader(path, reader=reader_for(kind, self.series_uid))
+            img = self.loader(path, reader=reader_for(kind, self.series_uid, self.stack))
         except InputError:
             raise
         except Exception as err:  # the readers' libraries raise many types for a bad file
@@ -135,7 +139,8 @@ class ReadScan(Transform):
 class ReadScand(MapTransform):
     """Dictionary version of :class:`ReadScan`: each key holds a path, replaced by its MetaTensor.
 
-    ``allow_constant`` may be given per key (e.g. ``[False, True]`` for image and mask).
+    ``allow_constant`` may be given per key (e.g. ``[False, True]`` for image and mask). A ``"stack"``
+    value in the data (a datalist item's) overrides ``stack``.
     """
 
     def __init__(
@@ -145,15 +150,20 @@ class ReadScand(MapTransform):
         allow_2d: bool = True,
         allow_constant: Sequence[bool] | bool = False,
         allow_missing_keys: bool = False,
+        stack: int | None = None,
     ):
         super().__init__(keys, allow_missing_keys)
         flags = ensure_tuple_rep(allow_constant, len(self.keys))
-        self.readers = {key: ReadScan(series_uid, allow_2d, flag) for key, flag in zip(self.keys, flags)}
+        self.readers = {key: ReadScan(series_uid, allow_2d, flag, stack) for key, flag in zip(self.keys, flags)}
 
     def __call__(self, data: Mapping[Hashable, PathLike]) -> dict:
         d = dict(data)
+        stack = d.get("stack")  # a datalist item may choose the stack of its multi-frame image
         for key in self.key_iterator(d):
-            d[key] = self.readers[key](d[key])
+            reader = self.readers[key]
+            if stack is not None:
+                reader = ReadScan(reader.series_uid, reader.allow_2d, reader.allow_constant, int(stack))
+            d[key] = reader(d[key])
         return d
 
 
@@ -167,7 +177,7 @@ class LoadScan(Transform):
     Args:
         spacing: output voxel size in mm (one value or three); None keeps the file's voxels.
         mode: interpolation for the resampling ("bilinear" for scans, "nearest" for masks).
-        series_uid, allow_2d, allow_constant: as in :class:`ReadScan`.
+        series_uid, allow_2d, allow_constant, stack: as in :class:`ReadScan`.
     """
 
     def __init__(
@@ -177,8 +187,9 @@ class LoadScan(Transform):
         series_uid: str | None = None,
         allow_2d: bool = True,
         allow_constant: bool = False,
+        stack: int | None = None,
     ):
-        self.read = ReadScan(series_uid, allow_2d, allow_constant)
+        self.read = ReadScan(series_uid, allow_2d, allow_constant, stack)
         self.orient = Orientation(axcodes="RAS", labels=None)
         self.resample = None if spacing is None else Spacing(pixdim=spacing, mode=mode)
 
@@ -450,11 +461,19 @@ def load_case_transforms(
     spacing: Sequence[float] | float | None = None,
     series_uid: str | None = None,
     ct_window: str | Sequence[float] = "soft_tissue",
+    stack: int | None = None,
+    segment: str | int | None = None,
+    roi: str | int | None = None,
 ) -> Compose:
     """Dictionary pipeline for a case ``{"image": path, "label": path (optional)}``.
 
-    ``keys[0]`` is the scan; the other keys are lesion masks (optional in the data). Steps:
-    :class:`ReadScand` -> ``Orientationd("RAS")`` -> :class:`CheckSameGridd` (masks on the scan's
+    ``keys[0]`` is the scan; the other keys are lesion masks (optional in the data), in any format
+    :class:`~c2f_med.io.annotations.ReadMask` reads (NIfTI / MHA / NRRD on the scan's grid, .seg.nrrd,
+    DICOM SEG, RTSTRUCT). ``stack`` picks the stack of a multi-frame DICOM scan, ``segment`` / ``roi``
+    the segment of a SEG or .seg.nrrd / the ROI of an RTSTRUCT; a case's own ``"stack"``, ``"segment"``
+    and ``"roi"`` values (datalist item keys) take precedence. Steps:
+    :class:`ReadScand` -> :class:`~c2f_med.io.annotations.ReadMaskd` -> ``Orientationd("RAS")`` ->
+    :class:`CheckSameGridd` (masks on the scan's
     grid) -> ``Spacingd`` (when ``spacing``; bilinear for the scan, nearest for masks) ->
     :class:`IntensityPresetd` on the scan -> :class:`BinarizeMaskd` on the masks.
     The result: ``image`` float32 ``1 x X x Y x Z`` in [0, 1], masks uint8 on the same grid.
@@ -463,9 +482,9 @@ def load_case_transforms(
     """
     keys = list(ensure_tuple(keys))
     image, masks = keys[0], keys[1:]
-    steps: list = [ReadScand(image, series_uid=series_uid)]
+    steps: list = [ReadScand(image, series_uid=series_uid, stack=stack)]
     if masks:
-        steps.append(ReadScand(masks, allow_constant=True, allow_missing_keys=True))
+        steps.append(ReadMaskd(masks, scan_key=image, segment=segment, roi=roi, allow_missing_keys=True))
     steps += [
         Orientationd(keys, axcodes="RAS", labels=None, allow_missing_keys=True),
         CheckSameGridd(keys, allow_missing_keys=True),
