@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATALIST = REPO / "data_manifests" / "demo.json"
 DATA = REPO / "demo_data"  # where DATALIST's relative paths point
 SPLITS = {"val": (2, 12), "test": (3, 8), "val4": (4, 12), "val5": (5, 36)}  # folder: (synth seed, cases)
-METHODS = "c2f,vitcx,vitcx-sq,rollout,attention,gae,gradcam"
+METHODS = "c2f,legrad,attnlrp,rise,vitcx,rollout,attention,gae,gradcam"
 
 
 def ensure_data(data: Path) -> None:
