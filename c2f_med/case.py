@@ -180,14 +180,16 @@ def load_variants(image: str | Path, preset: str = "auto", series_uid: str | Non
     :func:`load_scan` gives it: ``"int16"``, the stored intensities rounded as a classic DICOM
     series stores them (:func:`~c2f_med.metrics.stability.int16_storage`), and ``"noise"``, with
     Gaussian noise at the scan's own noise floor (:func:`~c2f_med.metrics.stability.noise_floor`,
-    ``numpy.random.default_rng(seed)``). Both are perturbed before the intensity preset, as a file
-    would be."""
+    ``numpy.random.default_rng(seed)``) on every non-zero voxel (zero is padding and stays zero). Both
+    are perturbed before the intensity preset, as a file would be."""
     steps = load_case_transforms(keys=("image",), preset=preset, series_uid=series_uid, stack=stack).transforms
     raw = Compose(steps[:-1])({"image": str(image)})["image"]  # before the intensity preset
     preset_step = steps[-1]
-    values = raw.as_tensor().double().numpy()
-    sigma = noise_floor(values)
-    noisy = values + np.random.default_rng(seed).normal(0.0, sigma, values.shape)
+    values = raw.as_tensor().double().numpy()  # 1 x X x Y x Z
+    sigma = noise_floor(values[0])
+    # zero is padding outside the field of view, not a measurement: it stays zero
+    noise = np.random.default_rng(seed).normal(0.0, sigma, values.shape)
+    noisy = np.where(values != 0, values + noise, 0.0)
     out = {}
     for name, array in (("int16", int16_storage(values)), ("noise", noisy)):
         out[name] = preset_step({"image": MetaTensor(torch.from_numpy(array).float(), meta=dict(raw.meta))})["image"]

@@ -127,6 +127,21 @@ def test_stability_is_reported_per_method(evaluated):
             assert -1 <= s["stability"][m][key] <= 1
     # gradient-free rollout on an int16 file: storing it as int16 changes nothing
     assert s["stability"]["rollout"]["int16"] == pytest.approx(1.0)
+    # noise at the scan's noise floor does change the maps, a little
+    assert min(s["stability"][m]["noise"] for m in METHODS) < 0.9999
+
+
+def test_variants_differ_from_the_scan_as_loaded(tiny_datalist):
+    from c2f_med.case import load_variants
+
+    item = json.loads(tiny_datalist.read_text())["testing"][0]
+    image = tiny_datalist.parent / item["image"]
+    given = load_scan(image, None)["image"]
+    variants = load_variants(image)
+    assert set(variants) == {"int16", "noise"}
+    torch.testing.assert_close(variants["int16"].as_tensor(), given.as_tensor())  # an int16 file already
+    change = (variants["noise"].as_tensor() - given.as_tensor()).abs()
+    assert 0 < float(change.mean()) < 0.2 and variants["noise"].shape == given.shape
 
 
 def test_per_slice_rows_are_the_lesion_slices_of_every_method(evaluated):

@@ -39,8 +39,8 @@ def int16_storage(values: ArrayLike) -> NDArray[np.float64]:
 
 
 def noise_floor(values: ArrayLike) -> float:
-    """Robust noise sigma of a volume (module docstring), from the voxels above its 10th percentile
-    (the body); 0 for a constant volume."""
+    """Robust noise sigma of a volume ``X x Y x Z`` (module docstring; differences along ``X``), from the
+    voxels above its 10th percentile (the body); 0 for a constant volume or fewer than 3 voxels along ``X``."""
     v = np.asarray(values, dtype=np.float64)
     if v.ndim < 1 or v.shape[0] < 3:
         return 0.0
