@@ -287,8 +287,10 @@ class DicomReader(PydicomReader):
             except Exception as err:  # a pixel data plugin failing on this file's encoding
                 first = data[0] if isinstance(data, list) else data
                 name = self.filenames[0][0] if isinstance(self.filenames[0], list) else self.filenames[0]
-                syntax = first.file_meta.get("TransferSyntaxUID", "?") if hasattr(first, "file_meta") else "?"
-                label = getattr(syntax, "name", str(syntax))
+                syntax = first.file_meta.get("TransferSyntaxUID") if hasattr(first, "file_meta") else None
+                if syntax is None or not syntax.is_compressed:
+                    raise  # not a decoder's failure: a corrupt or truncated file
+                label = syntax.name
                 reason = one_line(err).rstrip(":")
                 raise InputError(name, f"cannot decode pixel data encoded as {label}: {reason}") from err
         array = np.ascontiguousarray(data.array.transpose(2, 1, 0))  # (slice, row, col) -> (col, row, slice)
