@@ -92,7 +92,7 @@ def model_randomisation(
     explained for the bundle's class; the re-initialised model is the bundle's ``network_def`` built
     under ``torch.manual_seed(seed)`` without its weights.
     """
-    from c2f_med.case import load_scan
+    from c2f_med.case import item_options, load_scan
     from c2f_med.models.bundle import load_bundle
     from c2f_med.slices import normalise_input, to_model_grid, volume_slices
 
@@ -100,7 +100,7 @@ def model_randomisation(
     device = next(model.parameters()).device
     slices = []
     for item in items:
-        data = load_scan(item["image"], item["label"], bundle.preset)
+        data = load_scan(item["image"], item["label"], bundle.preset, **item_options(item))
         volume = data["image"].as_tensor()[0]
         label = torch.movedim(torch.as_tensor(data["label"])[0], axis, 0)
         lesion = [int(i) for i in torch.nonzero(label.flatten(1).any(1)).flatten()]

@@ -17,7 +17,7 @@ from .conftest import AFFINE, SHAPE
 
 def test_case_folders_match_explain_case(evaluate, bundle, cases, tmp_path):
     out = tmp_path / "run"
-    items, evaluator = evaluate([ExplainHandler("rollout", score=True), LesionScoreHandler(),
+    items, evaluator = evaluate([ExplainHandler("rollout", score=True, bundle=bundle), LesionScoreHandler(),
                                  SaliencySaver(out, bundle)])
     loading = evaluator.data_loader.dataset.transform  # load_case_transforms, as Invertd needs it
     explain_case(bundle, cases / "images" / "a.nii.gz", tmp_path / "cli", mask=cases / "labels" / "a.nii.gz",

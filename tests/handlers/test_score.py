@@ -21,7 +21,7 @@ def _floats(rows, key):
 
 def test_scores_match_explain_case(evaluate, bundle, cases, tmp_path):
     out = tmp_path / "run"
-    items, evaluator = evaluate([ExplainHandler("gae", score=True),
+    items, evaluator = evaluate([ExplainHandler("gae", score=True, bundle=bundle),
                                  LesionScoreHandler(out, bundle, cases / "datalist.json")])
     a, b = items
     assert "scores" not in b  # no mask, not scored
@@ -50,9 +50,10 @@ def test_scores_match_explain_case(evaluate, bundle, cases, tmp_path):
     assert method["slices"] == 3
     assert method["forward_passes_per_slice"] == 1 and method["backward_passes_per_slice"] == 1  # GAE: one each
     assert (out / "summary.md").read_text().startswith("# Explanation scores")
-    # the model's decision at the default operating point splits the lesion slices, as in c2f-med evaluate
-    assert summary["operating_point"] == {"threshold": 0.5, "source": "default"}
-    positive = [float(r["probability"]) >= 0.5 for r in rows]
+    # the model's decision at the bundle's operating point splits the lesion slices, as in c2f-med evaluate
+    point = bundle.operating_point
+    assert summary["operating_point"] == {"threshold": point.threshold, "source": point.source}
+    positive = [float(r["probability"]) >= point.threshold for r in rows]
     assert [r["stratum"] for r in rows] == ["tp" if p else "fn" for p in positive]
     assert summary["strata"]["tp"]["slices"] == sum(positive) and summary["strata"]["fn"]["slices"] == 3 - sum(
         positive)
