@@ -32,8 +32,9 @@ refused with :class:`UnsupportedModel`, whose message says what was found and wh
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -114,12 +115,13 @@ class ExplicitAttention(nn.Module):
         self.num_heads = mha.num_heads
         self.batch_first = mha.batch_first
         self.attn_drop = nn.Dropout(mha.dropout)
+        self.qkv = nn.Identity()  # the Q, K, V projection's output, for hooks (no parameters of its own)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 need_weights: bool = False, **_: object) -> tuple[torch.Tensor, None]:
         x = query if self.batch_first else query.transpose(0, 1)  # B x N x D
         b, n, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.num_heads, -1)
+        qkv = self.qkv(F.linear(x, self.in_proj_weight, self.in_proj_bias)).view(b, n, 3, self.num_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each B x H x N x d_h
         attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
         attn = self.attn_drop(attn.softmax(-1))
@@ -133,6 +135,8 @@ class _Layout:
 
     attention: list[nn.Module]
     last_norm: nn.Module
+    blocks: list[nn.Module]
+    readout: Callable[[torch.Tensor], torch.Tensor]  # B x T x D tokens after the last block -> B x C logits
     tokens: int
     num_heads: int
     in_channels: int
@@ -157,8 +161,13 @@ def _monai(vit: nn.Module) -> _Layout:
         blk.attn.use_flash_attention = False  # else the probabilities are never formed
     n = int(embed.n_patches)
     side = math.isqrt(n)
-    return _Layout([blk.attn.drop_weights for blk in vit.blocks], vit.blocks[-1].norm1, n,
-                   vit.blocks[0].attn.num_heads, int(channels), (side * patch[0], side * patch[1]))
+    return _Layout([blk.attn.drop_weights for blk in vit.blocks], vit.blocks[-1].norm1, list(vit.blocks),
+                   partial(_monai_readout, vit), n, vit.blocks[0].attn.num_heads, int(channels),
+                   (side * patch[0], side * patch[1]))
+
+
+def _monai_readout(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return vit.classification_head(vit.norm(tokens)[:, 0])
 
 
 def _timm(vit: nn.Module) -> _Layout:
@@ -181,8 +190,13 @@ def _timm(vit: nn.Module) -> _Layout:
         attn.fused_attn = False  # else the probabilities are never formed
     embed = vit.patch_embed
     proj = embed.proj
-    return _Layout([blk.attn.attn_drop for blk in vit.blocks], vit.blocks[-1].norm1, int(embed.num_patches),
-                   vit.blocks[0].attn.num_heads, int(proj.in_channels), tuple(int(s) for s in embed.img_size))
+    return _Layout([blk.attn.attn_drop for blk in vit.blocks], vit.blocks[-1].norm1, list(vit.blocks),
+                   partial(_timm_readout, vit), int(embed.num_patches), vit.blocks[0].attn.num_heads,
+                   int(proj.in_channels), tuple(int(s) for s in embed.img_size))
+
+
+def _timm_readout(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return vit.forward_head(vit.norm(tokens))
 
 
 def _torchvision(vit: nn.Module) -> _Layout:
@@ -193,8 +207,13 @@ def _torchvision(vit: nn.Module) -> _Layout:
     proj = vit.conv_proj
     first = proj if isinstance(proj, nn.Conv2d) else next(m for m in proj.modules() if isinstance(m, nn.Conv2d))
     n = (vit.image_size // vit.patch_size) ** 2
-    return _Layout([layer.self_attention.attn_drop for layer in layers], layers[-1].ln_1, n,
-                   layers[0].self_attention.num_heads, int(first.in_channels), (vit.image_size, vit.image_size))
+    return _Layout([layer.self_attention.attn_drop for layer in layers], layers[-1].ln_1, layers,
+                   partial(_torchvision_readout, vit), n, layers[0].self_attention.num_heads,
+                   int(first.in_channels), (vit.image_size, vit.image_size))
+
+
+def _torchvision_readout(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    return vit.heads(vit.encoder.ln(tokens)[:, 0])
 
 
 def _family(module: nn.Module):
@@ -250,6 +269,7 @@ class BackboneViT(TokenViT):
         self.backbone = backbone
         self.family = family.__name__.lstrip("_")
         self._attention, self._last_norm = layout.attention, layout.last_norm
+        self._blocks, self._readout = layout.blocks, layout.readout
         if backbone and model_input.spatial_shape is None:
             raise UnsupportedModel(f"the ViT sits inside the network at {backbone!r}: declare the network's input "
                                    "size in metadata.json (network_data_format.inputs.image.spatial_shape)")
@@ -270,6 +290,14 @@ class BackboneViT(TokenViT):
 
     def last_norm(self) -> nn.Module:
         return self._last_norm
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return self._blocks
+
+    def readout(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The ViT's own final norm and head on the class token (a wrapper's layers after the ViT are not
+        applied)."""
+        return self._readout(tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _logits(self.net(self.input_map(x)))
