@@ -29,10 +29,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from c2f_med.atomic import atomic_dir
 from c2f_med.errors import InputError
 from c2f_med.pacs.client import SeriesRef, server_call
+from c2f_med.pacs.store import DESCRIPTION
 
 __all__ = ["MODALITIES", "Annotation", "find_annotations", "choose", "seg_mask_series"]
 
 MODALITIES = ("SEG", "RTSTRUCT")
+#: series descriptions of the results this tool stores back: never taken as annotations
+RESULT_PREFIX = DESCRIPTION.partition(",")[0]
 _SOP_INSTANCE, _SERIES, _MODALITY, _DESCRIPTION = "00080018", "0020000E", "00080060", "0008103E"
 
 
@@ -79,7 +82,8 @@ def _labels(meta: dict[str, Any]) -> tuple[tuple[int, str], ...]:
 
 
 def find_annotations(client, ref: SeriesRef) -> list[Annotation]:
-    """The SEG and RTSTRUCT instances in ``ref``'s study that reference ``ref``'s series (by series UID).
+    """The SEG and RTSTRUCT instances in ``ref``'s study that reference ``ref``'s series (by series UID),
+    leaving out the SEG of the salient region this tool stores back (``--store-results``).
 
     Raises:
         DicomWebError: the server cannot be reached or answers with an error.
@@ -95,6 +99,8 @@ def find_annotations(client, ref: SeriesRef) -> list[Annotation]:
         with server_call(f"{ref.root}/studies/{ref.study}/series/{series}", "reading the annotation's headers"):
             metadata = client.retrieve_series_metadata(ref.study, series)
         for meta in metadata:
+            if str(_first(meta, _DESCRIPTION)).startswith(RESULT_PREFIX):  # this tool's own saliency SEG
+                continue
             if _first(meta, _MODALITY) in MODALITIES and ref.series in _referenced_series(meta):
                 out.append(Annotation(_first(meta, _MODALITY), series, _first(meta, _SOP_INSTANCE),
                                       str(_first(meta, _DESCRIPTION)), _labels(meta)))
