@@ -22,13 +22,16 @@ def test_installed_package_finds_its_bundle(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(prefix)], check=True)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(prefix)}))
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info/ next to the sources
+    # a copy: building writes build/ and *.egg-info/ next to the sources; --ignore-installed: pip must not
+    # uninstall this environment's own (editable) c2f_med when it installs into the other prefix
+    source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
     for name in ("c2f_med", "bundles"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--prefix",
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--ignore-installed", "--prefix",
                     str(prefix), str(source)], check=True, capture_output=True, timeout=600)
     case = write_tiny_case(tmp_path / "data", "scan", (40, 40, 6), (slice(15, 22), slice(15, 22), slice(2, 4)), 0)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "C2F_MED_BUNDLE")}
@@ -43,3 +46,5 @@ def test_installed_package_finds_its_bundle(tmp_path):
                             cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert nib.load(tmp_path / "out" / "scan" / "saliency.nii.gz").shape == (40, 40, 6)
+    # and this environment's own c2f_med is still installed (pip did not take it away)
+    subprocess.run([sys.executable, "-c", "import c2f_med"], check=True, env=env, cwd=tmp_path)
