@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,9 +54,9 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-import c2f_med
 from c2f_med.atomic import atomic_dir
 from c2f_med.errors import InputError
+from c2f_med.export.dicom_equipment import accepting_short_person_names, new_instance
 from c2f_med.export.dicom_sc import SC_FOLDER, overlay_images
 from c2f_med.export.dicom_seg import DEFAULT_THRESHOLD, SEG_FILENAME, saliency_segmentation
 from c2f_med.export.nifti import DESCRIPTION
@@ -285,19 +284,11 @@ def parametric_map(
     )
     if series_number is None:
         series_number = 1000 + int(images[0].get("SeriesNumber") or 0)
-    with warnings.catch_warnings():  # a one-component PatientName ("ANONYMOUS", many real IDs) is valid DICOM
-        warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
+    with accepting_short_person_names():
         pm = hd.pm.ParametricMap(
             source_images=images,
             pixel_array=np.ascontiguousarray(frames, dtype=np.float32),
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="c2f_med",
-            manufacturer_model_name="C2F-Explainer",
-            software_versions=c2f_med.__version__,
-            device_serial_number="0",
+            **new_instance(series_number),
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],

@@ -9,7 +9,6 @@ frames with no salient voxel are left out, as highdicom does by default.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -19,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 import c2f_med
+from c2f_med.export.dicom_equipment import accepting_short_person_names, new_instance
 
 __all__ = ["SEG_FILENAME", "DEFAULT_THRESHOLD", "saliency_segmentation"]
 
@@ -54,21 +54,13 @@ def saliency_segmentation(
             version=c2f_med.__version__, parameters={"threshold": f"{threshold:g}"}),
     )
     mask = (np.asarray(frames) >= threshold).astype(np.uint8)
-    with warnings.catch_warnings():  # a one-component PatientName ("ANONYMOUS", many real IDs) is valid DICOM
-        warnings.filterwarnings("ignore", message="The string .* is unlikely to represent the intended person name")
+    with accepting_short_person_names():
         seg = hd.seg.Segmentation(
             source_images=list(sources),
             pixel_array=mask,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[description],
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="c2f_med",
-            manufacturer_model_name="C2F-Explainer",
-            software_versions=c2f_med.__version__,
-            device_serial_number="0",
+            **new_instance(series_number),
             content_label="SALIENT",
             content_description=f"saliency >= {threshold:g}",
             plane_positions=plane_positions,
