@@ -108,11 +108,12 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 
 def _search(a: argparse.Namespace) -> None:
-    from c2f_med.search import run_search
+    from c2f_med.search import BASELINES, run_search
 
     check_output(a.out, a.datalist)
+    baselines = [b for b in (a.baselines or "").split(",") if b] or BASELINES
     report = run_search(a.bundle, a.datalist, a.out, variants=[v for v in (a.variants or "").split(",") if v] or None,
-                        section=a.section, limit=a.limit, device=a.device)
+                        baselines=baselines, section=a.section, limit=a.limit, device=a.device)
     print(f"selected variant: {report['selection']['selected']} ({a.out / 'search.md'})")
 
 
@@ -246,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     r.add_argument("--datalist", required=True, type=Path, action="append", help="repeatable")
     r.add_argument("--variants", help="comma-separated names of c2f_med.search.VARIANTS (default: all)")
+    r.add_argument("--baselines", help="comma-separated methods compared with the variants; vitcx is needed by "
+                   "the selection rule (default: all the registered baselines)")
     r.add_argument("--section", default="validation")
     r.add_argument("--limit", type=int, help="only the first N cases of each datalist")
     r.add_argument("--out", required=True, type=Path)

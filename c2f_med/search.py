@@ -47,7 +47,7 @@ from c2f_med.explain.c2f import SPEC_FIRST_DEFAULTS
 from c2f_med.io.manifest import read_datalist
 from c2f_med.models.bundle import load_bundle
 from c2f_med.provenance import provenance
-from c2f_med.summary import aggregate
+from c2f_med.summary import aggregate, comparison_table, paired_comparison
 
 __all__ = ["BASELINES", "VARIANTS", "variant_params", "run_search", "select"]
 
@@ -98,6 +98,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "best-costaware-split-legrad-gap": {"evaluation": "best", "costaware": True, "granularity": "split",
                                         "importance": "cls", "relation": "legrad", "cut": "gap"},
     "legrad-noS3WM": {"s3wm": False, "importance": "cls", "relation": "legrad"},
+    # stability: one noise draw shared by a slice's masks; the coarse map on its scores' own scale
+    "best-costaware-split-cls-shared": {"evaluation": "best", "costaware": True, "granularity": "split",
+                                        "importance": "cls", "noise_draws": "shared"},
+    "best-costaware-split-cls-stable": {"evaluation": "best", "costaware": True, "granularity": "split",
+                                        "importance": "cls", "noise_draws": "shared", "coarse_scale": "scores"},
+    "best-costaware-split-legrad-stable": {"evaluation": "best", "costaware": True, "granularity": "split",
+                                           "importance": "cls", "relation": "legrad", "noise_draws": "shared",
+                                           "coarse_scale": "scores"},
+    "legrad-noS3WM-stable": {"s3wm": False, "importance": "cls", "relation": "legrad", "noise_draws": "shared",
+                             "coarse_scale": "scores"},
 }
 
 RULE = ("among c2f variants with validation mIoU >= the best baseline's and cost (forward + 2 x backward passes "
@@ -200,6 +210,10 @@ def run_search(
             params={n: p for n, _, p in runs},
         ),
     }
+    selected = report["selection"]["selected"]
+    as_methods = [{**r, "method": r["variant"]} for r in (tp_rows if tp_rows else rows)]
+    report["comparisons"] = {f"{selected} - {name}": paired_comparison(as_methods, selected, name)
+                             for name, _, _ in runs if name != selected}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     extras = list(dict.fromkeys(k for r in rows for k in r if k not in PER_SLICE_HEAD and k != "variant"))
@@ -241,6 +255,8 @@ def render_search(report: Mapping[str, Any]) -> str:
         + f"\n\nRule: {sel['rule']}.\n\nBest baseline mIoU {sel['best_baseline_miou']:.3f}; vitcx cost "
         f"{sel['vitcx_cost']:.1f} passes. Qualified: {', '.join(sel['qualified']) or 'none'}. "
         f"Selected: **{sel['selected']}**{_fallback_reason(sel)}.\n"
+        + "\n".join(comparison_table(f"## Paired bootstrap on the same slices, {sel['selected']} minus each "
+                                      "(95% CI)", report.get("comparisons", {}))) + "\n"
     )
 
 

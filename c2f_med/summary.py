@@ -55,6 +55,8 @@ from c2f_med.metrics.calibration import expected_calibration_error, rates_at
 from c2f_med.metrics.localisation import FP_KEYS, IoUAccumulator
 
 __all__ = [
+    "comparison_table",
+    "paired_comparison",
     "SCORE_KEYS",
     "IOU_COUNT_KEYS",
     "COST_KEYS",
@@ -241,8 +243,10 @@ def _method_summary(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -
     return out
 
 
-def _paired(rows: Sequence[Mapping[str, Any]], a: str, b: str, n_boot: int, seed: int) -> dict[str, Any]:
-    """Paired bootstrap of ``a - b`` on :data:`CI_KEYS` over the slices both methods scored."""
+def paired_comparison(rows: Sequence[Mapping[str, Any]], a: str, b: str, n_boot: int = 2000,
+                      seed: int = 0) -> dict[str, Any]:
+    """Paired bootstrap of method ``a`` minus method ``b`` (rows' ``"method"``) on :data:`CI_KEYS` and the dataset
+    mIoU, over the slices (case, slice) both methods scored: ``{key: paired bootstrap}``."""
     by = {m: {(r["case"], int(r["slice"])): r for r in rows if r["method"] == m} for m in (a, b)}
     common = [key for key in by[a] if key in by[b]]
     ra, rb = [by[a][k] for k in common], [by[b][k] for k in common]
@@ -358,7 +362,8 @@ def summarise(
         "methods": {m: _method_summary(per_method[m], n_boot, seed) for m in order},
     }
     if REFERENCE_METHOD in order:
-        summary["comparisons"] = {f"{REFERENCE_METHOD} - {m}": _paired(rows, REFERENCE_METHOD, m, n_boot, seed)
+        summary["comparisons"] = {f"{REFERENCE_METHOD} - {m}": paired_comparison(rows, REFERENCE_METHOD, m, n_boot,
+                                                                                   seed)
                                   for m in order if m != REFERENCE_METHOD}
     decided = [_positive(r, threshold) for r in rows]
     if rows and all(d is not None for d in decided):
@@ -370,9 +375,9 @@ def summarise(
                             "methods": {m: _method_summary([r for r in chosen if r["method"] == m], n_boot, seed)
                                         for m in order}}
             if name == "tp" and REFERENCE_METHOD in order:
-                strata[name]["comparisons"] = {f"{REFERENCE_METHOD} - {m}": _paired(chosen, REFERENCE_METHOD, m,
-                                                                                    n_boot, seed)
-                                               for m in order if m != REFERENCE_METHOD}
+                strata[name]["comparisons"] = {
+                    f"{REFERENCE_METHOD} - {m}": paired_comparison(chosen, REFERENCE_METHOD, m, n_boot, seed)
+                    for m in order if m != REFERENCE_METHOD}
         strata["fp"] = {"slices": len({(r["case"], int(r["slice"])) for r in fp_rows}),
                         "methods": {m: _fp_summary([r for r in fp_rows if r["method"] == m]) for m in order}}
         summary["strata"] = strata
@@ -420,7 +425,8 @@ def _table(methods: Mapping[str, Mapping[str, Any]], columns: Sequence[tuple[str
     return lines
 
 
-def _comparisons(title: str, comparisons: Mapping[str, Any]) -> list[str]:
+def comparison_table(title: str, comparisons: Mapping[str, Any]) -> list[str]:
+    """Markdown lines: ``title`` and one row per ``{"a - b": paired_comparison(...)}`` entry."""
     lines = ["", title, "",
              "| comparison | Δ AP [95% CI] | p | Δ IoU top-k [95% CI] | p | Δ mIoU [95% CI] | p | pairs |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -519,12 +525,13 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
                   "Gaussian noise at the scan's own noise floor. r = 1: the map does not change.", ""]
         lines += _table(stability, (("int16", "r, int16 storage"), ("noise", "r, noise floor")))
     if strata and strata["tp"].get("comparisons"):
-        lines += _comparisons(f"## Paired bootstrap on the TP slices, {REFERENCE_METHOD} minus each method (95% CI)",
-                              strata["tp"]["comparisons"])
+        lines += comparison_table(
+            f"## Paired bootstrap on the TP slices, {REFERENCE_METHOD} minus each method (95% CI)",
+            strata["tp"]["comparisons"])
     comparisons = summary.get("comparisons") or {}
     if comparisons:
-        lines += _comparisons(f"## Paired bootstrap, {REFERENCE_METHOD} minus each method (95% CI over lesion slices)",
-                              comparisons)
+        lines += comparison_table(
+            f"## Paired bootstrap, {REFERENCE_METHOD} minus each method (95% CI over lesion slices)", comparisons)
     return "\n".join(lines) + "\n"
 
 

@@ -77,6 +77,13 @@ def test_search_end_to_end_matches_evaluate(tiny_bundle, tiny_datalist, tmp_path
     assert report["selection"]["selected"] in variants
     assert json.loads((tmp_path / "s" / "search.json").read_text())["selection"] == report["selection"]
     assert "Selected: **" in (tmp_path / "s" / "search.md").read_text()
+    selected = report["selection"]["selected"]
+    others = {"vitcx", "rollout", *variants} - {selected}
+    assert set(report["comparisons"]) == {f"{selected} - {n}" for n in others}
+    for c in report["comparisons"].values():  # paired on the same slices: the CI holds the mean difference
+        assert c["ap"]["n_pairs"] >= 1
+        assert c["ap"]["n_pairs"] < 2 or c["ap"]["low"] <= c["ap"]["mean_diff"] <= c["ap"]["high"]
+    assert f"{selected} minus each" in (tmp_path / "s" / "search.md").read_text()
     with open(tmp_path / "s" / "search.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["variant"] for r in rows} == set(report["results"])

@@ -37,6 +37,7 @@ SPEC_FIRST_DEFAULTS = {
     "cut": "fixed",
     "perturbation": "noise",
     "noise_sigma": 0.1,
+    "noise_draws": "per-mask",
     "blur_sigma": 4.0,
     "s3wm": True,
     "costaware": False,
@@ -51,6 +52,7 @@ SPEC_FIRST_DEFAULTS = {
     "sharpen_accepted": False,
     "granularity": "band",
     "coarse_delta": 0.3,
+    "coarse_scale": "minmax",
     "af": True,
     "relation": "gae",
     "l0": 1,
@@ -64,35 +66,42 @@ SPEC_FIRST_DEFAULTS = {
 @register("c2f-first", SPEC_FIRST_DEFAULTS)
 @register("c2f-noS3WM", {"s3wm": False})
 @register("c2f-noAF", {"af": False})
-@register("c2f-legrad", {"relation": "legrad"})
+@register("c2f-gae", {"relation": "gae"})
 class C2F(Explainer):
     """C2F-Explainer (Ding et al., TKDE 2024), as reconstructed in the project's spec; the defaults are
-    the design search's selection (``c2f_med.search``, variant ``best-costaware-split-cls``).
+    the design search's selection (``c2f_med.search``, variant ``best-costaware-split-legrad-stable``).
 
     Step 0: one pass ``model.run(x, tokens=True, attentions=af, target=c if relation == "gae")``
-    gives ``F``, ``A^l``, ``p_c(x)`` and ``dy_c/dA^l``; nothing is recomputed.
+    gives ``F``, ``A^l`` (GAE), ``p_c(x)`` and ``dy_c/dA^l`` (GAE); nothing is recomputed.
     Step 1: the last layer's ``D`` feature maps clustered once (cosine distance, complete linkage);
     the tree cut at ``coarse_delta = 0.3`` gives the ``K`` level-1 masks ``M_k``, cut at
     ``delta = 0.1`` (ViT-CX's masks) the finer sub-masks ``M_kj`` inside each ``M_k``.
     Step 2 (S3WM, cost-aware and coarse-to-fine):
     level 1, one forward per mask: ``e_k = clip(p_c(x~_k) / Z, 0, 1)`` with ``Z = max_j p_c(x~_j)``
-    (relative to the best mask; ``x~_k = x M_k + e (1 - M_k)``, ``e`` Gaussian noise of std 0.1);
+    (relative to the best mask; ``x~_k = x M_k + e (1 - M_k)``, ``e`` Gaussian noise of std 0.1, one
+    draw shared by all masks of the slice, ``noise_draws="shared"``);
     ``POS1 = {e_k >= 0.7}``, ``NEG1 = {e_k <= 0.3}``. Only ``BND1`` masks pay for the finer
     evaluation: their full causal score ``S_k = p_c(x~_k) - p_c(x^_k) + p_c(x)`` and, at level 2,
     the causal scores ``S_kj`` of their sub-masks, ``e_kj = clip(S_kj / Z, 0, 1)``, decided with
     ``(0.6, 0.4)``; level 3 accepts a ``BND2`` sub-mask iff ``(e_k + e_kj) / 2 >= 0.5``; a ``BND1``
     mask without sub-masks is decided on its own ``e_k`` there. If fewer than ``k_min = 5`` objects
     are accepted, the best masks by ``e_k`` are added. Coarse map:
-    ``E_c(u) = minmax(sum_accepted S M(u) / sum_k M_k(u))`` (``S_k = p_c(x~_k)`` for masks accepted
-    at level 1, the causal score otherwise; coverage of the level-1 masks).
-    Step 3 (AF): ``R`` = Chefer's gradient-weighted additive relation over all layers
-    (``R <- R + E_h[(dy_c/dA^l * A^l)^+] R``); ``E_f = minmax(E_c * up(minmax(R[CLS, patches])))``.
+    ``E_c(u) = max(0, sum_accepted S M(u) / sum_k M_k(u))`` (``S_k = p_c(x~_k)`` for masks accepted
+    at level 1, the causal score otherwise; coverage of the level-1 masks), kept on the scores' own
+    scale (``coarse_scale="scores"``): a slice whose masks all score alike gives a flat coarse map
+    that leaves the relation's map as it is, instead of one stretched to [0, 1] by min-max, where
+    small score differences become full contrast. (The stretch made c2f's map of a scan and of the
+    same scan with noise at its noise floor correlate at r = 0.61-0.90 on borderline slices.)
+    Step 3 (AF): ``R`` = LeGrad's per-layer class-gradient relation
+    (:func:`~c2f_med.explain.legrad.legrad_relations`: each layer's own class score read through the
+    final norm and head, the ReLU of its gradient with respect to that layer's attention, mean over
+    heads), summed over the layers from ``l0``; importance ``"cls"`` reads its map (the relation
+    averaged over the query rows, ``P``): ``E_f = minmax(E_c * up(minmax(P)))``. One more forward and
+    ``L - l0 + 1`` partial backward passes per slice.
 
-    ``relation="legrad"`` (``c2f-legrad``): AF's relation is LeGrad's per-layer gradient relation
-    (:func:`~c2f_med.explain.legrad.legrad_relations`, each layer's own class score through the final
-    norm and head), summed over the layers from ``l0``; importance ``"cls"`` then reads LeGrad's map
-    (the relation averaged over the query rows). Costs one more forward and ``L - l0 + 1`` partial
-    backward passes per slice instead of GAE's one backward.
+    ``relation="gae"`` (``c2f-gae``, the earlier default): Chefer's gradient-weighted additive relation
+    over all layers (``R <- R + E_h[(dy_c/dA^l * A^l)^+] R``) and its CLS row, from the Step-0 pass
+    and one backward.
 
     Other designs by name (``c2f_med.explain.s3wm``, ``c2f_med.explain.af``): ``evaluation="pc"``
     (``Z = p_c(x)``), ``costaware=False`` (full causal score for every mask), ``granularity="band"``
@@ -111,6 +120,7 @@ class C2F(Explainer):
 
     @dataclass
     class Params(MaskScoringParams):
+        noise_draws: Literal["per-mask", "shared"] = "shared"  #: one noise draw shared by a slice's masks
         s3wm: bool = True  #: Step 2's sequential three-way decisions (False: every g_k = 1, ViT-CX's map)
         costaware: bool = True  #: level 1 on one forward per mask; full score and level 2 only for BND1
         alpha1: float = 0.7  #: level-1 accept threshold on e_k (Yao, losses 0 / 0.3 / 1)
@@ -124,8 +134,9 @@ class C2F(Explainer):
         sharpen_accepted: bool = False  #: band removal for every accepted mask (M'_k with its level-1 S_k)
         granularity: Literal["band", "split"] = "split"  #: level 2: M'_k (band removed) | sub-masks of BND1
         coarse_delta: float = 0.3  #: "split": level-1 masks cut the clustering tree here; sub-masks at `delta`
+        coarse_scale: Literal["scores", "minmax"] = "scores"  #: E_c into AF as scored (>= 0), or min-max stretched
         af: bool = True  #: Step 3's attention fusion (False: the coarse map is the output)
-        relation: Literal["gae", "rollout-last", "rollout-all", "legrad"] = "gae"  #: c2f_med.explain.af; legrad
+        relation: Literal["gae", "rollout-last", "rollout-all", "legrad"] = "legrad"  #: c2f_med.explain.af; legrad
         l0: int = 1  #: first layer (1-based) of the relation; 1 = all layers
         refine: Literal["gate", "propagate", "mix"] = "gate"  #: c2f_med.explain.af
         importance: Literal["cosine", "contrast", "cls"] = "cls"  #: patch importance of "gate" (explain.af)
@@ -160,8 +171,12 @@ class C2F(Explainer):
         else:
             scores = causal_scores(self.model, x, t, p_clean, mask_requests(masks, baselines), prm.batch_size)
             per_slice = zip(scores.split([len(m) for m in masks]), masks)
-            coarse = minmax(torch.stack([coverage_map(s, m) for s, m in per_slice]))
+            coarse = torch.stack([coverage_map(s, m) for s, m in per_slice])
             records = [_record(len(m), 2 * len(m), None, len(m)) for m in masks]
+        if prm.coarse_scale == "minmax" or not prm.af:
+            coarse = minmax(coarse)
+        else:  # the causal scores' own scale: a map whose masks all score alike is not stretched
+            coarse = coarse.clamp(min=0)
         # Step 3
         legrad_backward = 0
         if prm.af:
@@ -245,7 +260,7 @@ class C2F(Explainer):
             maps.append(coverage_map(chosen_scores[d.gate], chosen_masks[d.gate], coverage=m.sum(0)))
             forward = (1 if prm.costaware else 2) * counts[i] + (3 if prm.costaware else 2) * len(bnd[i])
             records.append(_record(counts[i], forward, d.counts, int(d.gate.sum())))
-        return minmax(torch.stack(maps)), records
+        return torch.stack(maps), records
 
     def _split_levels(self, x, t, p_clean, masks, baselines, children, scores1, z, regions1, bnd):
         """Levels 2-3 with granularity "split": the sub-masks of the BND1 masks, scored with their
@@ -284,7 +299,7 @@ class C2F(Explainer):
             forward = (1 if prm.costaware else 2) * len(m) + (1 if prm.costaware else 0) * len(bnd[i]) + 2 * sub
             accepted = int(d.gate.sum()) + sum(int(g.sum()) for g in d.child_gate)
             records.append(_record(len(m), forward, d.counts, accepted))
-        return minmax(torch.stack(maps)), records
+        return torch.stack(maps), records
 
 
 def _record(k: int, forward: int, counts: dict[str, int] | None, accepted: int) -> dict:

@@ -37,12 +37,13 @@ class MaskScoringParams:
     noise_sigma: float = 0.1  #: std of the Gaussian noise perturbation, normalised input units
     blur_sigma: float = 4.0  #: Gaussian std (input pixels) of the "blur" perturbation
     seed: int = 0  #: noise seed (the same draws for every slice, whatever its content)
+    noise_draws: Literal["per-mask", "shared"] = "per-mask"  #: one noise draw per mask, or one per slice
     batch_size: int = 64  #: perturbed images per forward pass (batched across masks and slices)
 
 
 def perturbation_of(params: MaskScoringParams) -> Perturbation:
     """The :class:`Perturbation` described by ``params``."""
-    return Perturbation(params.perturbation, params.noise_sigma, params.blur_sigma, params.seed)
+    return Perturbation(params.perturbation, params.noise_sigma, params.blur_sigma, params.seed, params.noise_draws)
 
 
 def slice_masks(model: TokenViT, out: TokenOutputs, delta: float, cut: str = "fixed") -> list[torch.Tensor]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -12,6 +14,8 @@ from c2f_med.explain.af import fine_map, patch_relation
 from c2f_med.explain.base import create
 from c2f_med.explain.c2f import C2F, SPEC_FIRST_DEFAULTS
 from c2f_med.models.vit import LesionViT, TimmViTAdapter
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "c2f_lesion_vit"
 
 LEVELS = ("pos1", "neg1", "bnd1", "pos2", "neg2", "bnd2", "acc3", "fallback")
 # on an untrained model e_k clusters just below 1: these thresholds put many masks in BND1
@@ -40,7 +44,7 @@ def count_images(model):
 
 def test_without_s3wm_and_af_it_is_vitcx_exactly(model, slices):
     vitcx = create("vitcx", model).explain(slices)
-    c2f = create("c2f", model, s3wm=False, af=False).explain(slices)
+    c2f = create("c2f", model, s3wm=False, af=False, noise_draws="per-mask").explain(slices)
     assert torch.equal(c2f.saliency, vitcx.saliency)
     assert [r["K"] for r in c2f.records] == [r["K"] for r in vitcx.records]
     assert c2f.forward_passes == vitcx.forward_passes and c2f.backward_passes == 0
@@ -117,7 +121,7 @@ def test_records(model, slices):
 
 def test_af_refines_the_coarse_map(model, slices):
     t = torch.tensor([1, 0, 1])
-    af = {"relation": "gae", "l0": 1, "refine": "gate", "importance": "cosine"}
+    af = {"relation": "gae", "l0": 1, "refine": "gate", "importance": "cosine", "coarse_scale": "minmax"}
     coarse = create("c2f-noAF", model, **af).explain(slices, target=t)
     fine = create("c2f", model, **af).explain(slices, target=t)
     out = model.run(slices, attentions=True, target=t)
@@ -210,7 +214,7 @@ def test_legrad_relation_gates_the_coarse_map_with_legrads_map(model, slices):
     from c2f_med.explain.legrad import legrad_maps
     from c2f_med.explain.tokens import minmax
 
-    fine = create("c2f-legrad", model).explain(slices, 1)
+    fine = create("c2f", model, coarse_scale="minmax").explain(slices, 1)
     coarse = create("c2f-noAF", model).explain(slices, 1)
     _, _, maps = legrad_maps(model, slices, 1)
     t = minmax(torch.stack(maps).sum(0))
@@ -219,3 +223,48 @@ def test_legrad_relation_gates_the_coarse_map_with_legrads_map(model, slices):
     layers = model.num_layers
     assert fine.backward_passes == layers * slices.shape[0]
     assert fine.forward_passes == coarse.forward_passes + slices.shape[0]  # LeGrad's own pass
+
+
+def test_shared_noise_draws_give_every_mask_the_same_perturbation(model, slices):
+    from c2f_med.explain.perturb import Perturbation
+
+    shared = Perturbation("noise", seed=3, draws="shared").baselines(slices[0], 4)
+    per_mask = Perturbation("noise", seed=3).baselines(slices[0], 4)
+    assert all(torch.equal(shared[k], shared[0]) for k in range(4))
+    assert torch.equal(shared[0], per_mask[0]) and not torch.equal(per_mask[1], per_mask[0])
+    assert C2F(model).params.noise_draws == "shared" and SPEC_FIRST_DEFAULTS["noise_draws"] == "per-mask"
+    with pytest.raises(ValueError, match="noise draws"):
+        Perturbation("noise", draws="each")
+
+
+@pytest.mark.slow
+def test_on_the_bundle_it_is_stable_to_int16_storage_and_the_noise_floor():
+    """Lesion slices of a validation-seed scan that the committed bundle calls positive: c2f's saliency of
+    the scan, of the scan stored as int16 and of the scan plus noise at its own noise floor (as
+    ``c2f-med evaluate``'s stability test makes them)."""
+    from c2f_med.metrics.stability import int16_storage, noise_floor, saliency_correlation
+    from c2f_med.models.bundle import load_bundle
+    from c2f_med.slices import normalise_input, to_model_grid, volume_slices
+    from c2f_med.synth.dataset import synth_case
+
+    bundle = load_bundle(BUNDLE)
+    case = synth_case(4, 0, n_lesions=2)  # a validation-seed scan (seed 3 is the test split)
+    scan = np.asarray(case.image, dtype=np.float64)
+    noisy = np.where(scan != 0, scan + np.random.default_rng(0).normal(0, noise_floor(scan), scan.shape), 0)
+    lesion = np.nonzero(case.label.reshape(-1, case.label.shape[2]).any(0))[0].tolist()
+    lo, hi = scan.min(), scan.max()
+
+    def inputs(volume: np.ndarray) -> torch.Tensor:
+        v = torch.as_tensor((volume - lo) / (hi - lo), dtype=torch.float32).clamp(0, 1)
+        return normalise_input(to_model_grid(volume_slices(v, 2, lesion).float(), bundle.model.input_size[0])[0])
+
+    x = inputs(scan)
+    with torch.no_grad():
+        keep = (bundle.model(x).softmax(1)[:, bundle.lesion_class] >= 0.5).nonzero().flatten()[:4]
+    assert len(keep) >= 2
+    explainer = create("c2f", bundle.model)
+    given = explainer.explain(x[keep], bundle.lesion_class).saliency
+    for name, other in (("int16", int16_storage(scan)), ("noise", noisy)):
+        maps = explainer.explain(inputs(other)[keep], bundle.lesion_class).saliency
+        r = [saliency_correlation(given[k].numpy(), maps[k].numpy()) for k in range(len(keep))]
+        assert np.mean(r) >= 0.98, (name, r)
