@@ -14,6 +14,7 @@ has no ranking: its correlation with a non-constant map counts as 0, with anothe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,9 +89,12 @@ def model_randomisation(
 ) -> dict[str, dict[str, Any]]:
     """:func:`randomisation_check` of a loaded bundle on the lesion slices of datalist ``items``.
 
-    Up to ``max_slices`` lesion slices (evenly spread over all the items' lesion slices, in order) are
-    explained for the bundle's class; the re-initialised model is the bundle's ``network_def`` built
-    under ``torch.manual_seed(seed)`` without its weights.
+    Up to ``max_slices`` lesion slices are explained for the bundle's class: the cases are read in an
+    order that spreads over the list (its evenly spaced items first, the rest after them), each case
+    gives up to ``ceil(max_slices / min(len(items), max_slices))`` of its lesion slices, evenly spread,
+    and reading stops once ``max_slices`` are collected, so a large cohort is not read a second time.
+    The re-initialised model is the bundle's ``network_def`` built under ``torch.manual_seed(seed)``
+    without its weights.
     """
     from c2f_med.case import item_options, load_scan
     from c2f_med.models.bundle import load_bundle
@@ -98,21 +102,36 @@ def model_randomisation(
 
     model = bundle.model
     device = next(model.parameters()).device
-    slices = []
-    for item in items:
+    if not items or max_slices < 1:
+        return {}
+    per_case = math.ceil(max_slices / min(len(items), max_slices))
+    spread = _evenly_spread(len(items), min(len(items), max_slices))
+    first = set(spread)
+    order = spread + [i for i in range(len(items)) if i not in first]
+    slices, count = [], 0
+    for i in order:
+        if count >= max_slices:
+            break
+        item = items[i]
         data = load_scan(item["image"], item["label"], bundle.preset, **item_options(item))
-        volume = data["image"].as_tensor()[0]
         label = torch.movedim(torch.as_tensor(data["label"])[0], axis, 0)
-        lesion = [int(i) for i in torch.nonzero(label.flatten(1).any(1)).flatten()]
-        if lesion:  # on the model's grid, so that cases of other sizes stack
-            slices.append(to_model_grid(volume_slices(volume, axis, lesion).float(), tuple(model.input_size))[0])
+        lesion = [int(k) for k in torch.nonzero(label.flatten(1).any(1)).flatten()]
+        if not lesion:
+            continue
+        take = [lesion[k] for k in _evenly_spread(len(lesion), min(per_case, max_slices - count, len(lesion)))]
+        volume = data["image"].as_tensor()[0]  # on the model's grid, so that cases of other sizes stack
+        slices.append(to_model_grid(volume_slices(volume, axis, take).float(), tuple(model.input_size))[0])
+        count += len(take)
     if not slices:
         return {}
-    grid = torch.cat(slices)
-    pick = np.unique(np.linspace(0, grid.shape[0] - 1, min(max_slices, grid.shape[0])).round().astype(int))
-    x = normalise_input(grid[torch.as_tensor(pick)]).to(device)
+    x = normalise_input(torch.cat(slices)).to(device)
     randomised = load_bundle(bundle.root, device, reinit_seed=seed).model
     result = randomisation_check(model, randomised, x, methods, bundle.lesion_class, params)
     for value in result.values():
         value["seed"] = seed
     return result
+
+
+def _evenly_spread(n: int, k: int) -> list[int]:
+    """``k`` distinct indices of ``range(n)`` spread evenly from the first to the last (``k <= n``)."""
+    return [int(i) for i in np.unique(np.linspace(0, n - 1, k).round().astype(int))] if k > 0 else []

@@ -62,3 +62,19 @@ def test_model_randomisation_over_cases_of_other_sizes(tiny_bundle, tiny_datalis
     result = model_randomisation(load_bundle(tiny_bundle), items, ["rollout"], max_slices=4)
     assert set(result["rollout"]) == {"spearman", "flagged", "slices", "seed"}
     assert result["rollout"]["slices"] == 4 and -1 <= result["rollout"]["spearman"] <= 1
+
+
+def test_model_randomisation_reads_only_the_cases_it_needs(tiny_bundle, tiny_datalist, monkeypatch):
+    """A cohort is not read a second time: with one slice per case, only evenly spread cases are loaded."""
+    import c2f_med.case
+    from c2f_med.io.manifest import read_datalist
+
+    items = read_datalist(tiny_datalist, "testing")
+    cohort = items * 4  # a longer list of the same cases
+    read = []
+    load = c2f_med.case.load_scan
+    monkeypatch.setattr(c2f_med.case, "load_scan", lambda image, *a, **k: read.append(image) or load(image, *a, **k))
+    result = model_randomisation(load_bundle(tiny_bundle), cohort, ["rollout"], max_slices=2)
+    assert result["rollout"]["slices"] == 2
+    assert 2 <= len(read) < len(cohort)
+    assert read[0] == cohort[0]["image"] and read[1] == cohort[-1]["image"]  # spread over the list
