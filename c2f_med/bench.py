@@ -54,7 +54,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from c2f_med.atomic import write_json
@@ -64,7 +63,7 @@ from c2f_med.evaluate import check_methods
 from c2f_med.explain import create, explain_volume
 from c2f_med.io.manifest import read_datalist
 from c2f_med.models.bundle import load_bundle
-from c2f_med.slices import normalise_input, to_model_grid, volume_slices
+from c2f_med.slices import evenly_spread, normalise_input, to_model_grid, volume_slices
 from c2f_med.synth.dataset import synth_case
 from c2f_med.synth.writers import write_nifti
 
@@ -151,7 +150,7 @@ def bench_slices(bundle, scans, n_slices: int) -> tuple[torch.Tensor, Path, int]
             break
     if not slices:
         raise InputError(None, "no lesion slices found to benchmark on")
-    pick = np.unique(np.rint(np.linspace(0, len(slices) - 1, min(n_slices, len(slices)))).astype(int))
+    pick = evenly_spread(len(slices), n_slices)
     return torch.stack([slices[i] for i in pick]), first, len(slices)
 
 

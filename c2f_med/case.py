@@ -55,7 +55,7 @@ from c2f_med.metrics.localisation import foreground_mask, localisation_scores, s
 from c2f_med.metrics.stability import int16_storage, noise_floor, saliency_correlation
 from c2f_med.models.bundle import Bundle, OperatingPoint
 from c2f_med.provenance import provenance
-from c2f_med.slices import INPUT_STD, normalise_input, to_model_grid, volume_slices
+from c2f_med.slices import INPUT_STD, evenly_spread, normalise_input, to_model_grid, volume_slices
 from c2f_med.summary import classifier_rows, iou_counts
 
 __all__ = ["FAITHFULNESS", "ITEM_OPTIONS", "LOCALISATION_KEYS", "STABILITY", "CaseResult", "CaseScores", "Metered",
@@ -371,8 +371,7 @@ def _stability(explainer: Explainer, volume: torch.Tensor, variants: Mapping[str
     candidates = [r["slice"] for r in out.rows] or [r["slice"] for r in out.fp_rows]
     if limit <= 0 or not candidates:
         return []
-    picked = [candidates[int(k)] for k in np.unique(np.linspace(0, len(candidates) - 1, min(limit, len(candidates)))
-                                                   .round().astype(int))]
+    picked = [candidates[k] for k in evenly_spread(len(candidates), limit)]
     model = explainer.model
     size, device = model.input_size[0], next(model.parameters()).device
 

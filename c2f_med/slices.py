@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "SliceGeometry",
+    "evenly_spread",
     "volume_slices",
     "to_model_grid",
     "from_model_grid",
@@ -114,3 +116,10 @@ def volume_slices(volume: torch.Tensor, axis: int, index: slice | list[int] | No
     if index is not None:
         moved = moved[index]
     return moved.unsqueeze(1)
+
+
+def evenly_spread(n: int, k: int) -> list[int]:
+    """Up to ``k`` distinct indices of ``range(n)``, spread evenly from the first to the last (``k`` rounded
+    positions of ``linspace(0, n - 1, min(k, n))``; none when ``k <= 0``)."""
+    k = min(k, n)
+    return [int(i) for i in np.unique(np.rint(np.linspace(0, n - 1, k)).astype(int))] if k > 0 else []

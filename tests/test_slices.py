@@ -28,3 +28,13 @@ def test_repeat_channels_sends_gradients_back_to_the_gray_channel():
     assert repeat_channels(x, 1) is x
     with pytest.raises(ValueError):
         repeat_channels(torch.zeros(1, 2, 4, 4), 3)
+
+
+def test_evenly_spread_picks_distinct_indices_from_first_to_last():
+    from c2f_med.slices import evenly_spread
+
+    assert evenly_spread(10, 3) == [0, 4, 9]  # positions 0, 4.5, 9; halves round to even
+    assert evenly_spread(5, 8) == [0, 1, 2, 3, 4]  # never more than n
+    assert evenly_spread(7, 1) == [0] and evenly_spread(7, 0) == [] and evenly_spread(0, 3) == []
+    picked = evenly_spread(100, 8)
+    assert len(picked) == 8 and picked[0] == 0 and picked[-1] == 99 and picked == sorted(set(picked))

@@ -98,14 +98,14 @@ def model_randomisation(
     """
     from c2f_med.case import item_options, load_scan
     from c2f_med.models.bundle import load_bundle
-    from c2f_med.slices import normalise_input, to_model_grid, volume_slices
+    from c2f_med.slices import evenly_spread, normalise_input, to_model_grid, volume_slices
 
     model = bundle.model
     device = next(model.parameters()).device
     if not items or max_slices < 1:
         return {}
     per_case = math.ceil(max_slices / min(len(items), max_slices))
-    spread = _evenly_spread(len(items), min(len(items), max_slices))
+    spread = evenly_spread(len(items), max_slices)
     first = set(spread)
     order = spread + [i for i in range(len(items)) if i not in first]
     slices, count = [], 0
@@ -118,7 +118,7 @@ def model_randomisation(
         lesion = [int(k) for k in torch.nonzero(label.flatten(1).any(1)).flatten()]
         if not lesion:
             continue
-        take = [lesion[k] for k in _evenly_spread(len(lesion), min(per_case, max_slices - count, len(lesion)))]
+        take = [lesion[k] for k in evenly_spread(len(lesion), min(per_case, max_slices - count))]
         volume = data["image"].as_tensor()[0]  # on the model's grid, so that cases of other sizes stack
         slices.append(to_model_grid(volume_slices(volume, axis, take).float(), tuple(model.input_size))[0])
         count += len(take)
@@ -130,8 +130,3 @@ def model_randomisation(
     for value in result.values():
         value["seed"] = seed
     return result
-
-
-def _evenly_spread(n: int, k: int) -> list[int]:
-    """``k`` distinct indices of ``range(n)`` spread evenly from the first to the last (``k <= n``)."""
-    return [int(i) for i in np.unique(np.linspace(0, n - 1, k).round().astype(int))] if k > 0 else []
