@@ -24,6 +24,11 @@ __all__ = ["main", "build_parser", "parse_params"]
 DEFAULT_METHODS = "c2f,vitcx,rollout,attention,gae,gradcam"
 
 
+def _names(text: str | None) -> list[str]:
+    """The non-empty names of a comma-separated option value (none when the option is not given)."""
+    return [n for n in (text or "").split(",") if n]
+
+
 def parse_params(items: list[str] | None) -> dict[str, dict[str, Any]]:
     """``["c2f.relation=rollout-last", "c2f.alpha1=0.8"]`` -> ``{"c2f": {"relation": "rollout-last",
     "alpha1": 0.8}}``. Values are read as JSON when they parse (numbers, booleans, lists), else as text."""
@@ -102,7 +107,7 @@ def _evaluate(a: argparse.Namespace) -> None:
     from c2f_med.evaluate import run_evaluate
 
     check_output(a.out, [a.datalist])
-    run_evaluate(a.bundle, a.datalist, [m for m in a.methods.split(",") if m], a.out, limit=a.limit,
+    run_evaluate(a.bundle, a.datalist, _names(a.methods), a.out, limit=a.limit,
                  workers=a.workers, params=parse_params(a.param), section=a.section, device=a.device,
                  stability_slices=a.stability_slices, item_defaults=_mask_options(a))
 
@@ -111,9 +116,8 @@ def _search(a: argparse.Namespace) -> None:
     from c2f_med.search import BASELINES, run_search
 
     check_output(a.out, a.datalist)
-    baselines = [b for b in (a.baselines or "").split(",") if b] or BASELINES
-    report = run_search(a.bundle, a.datalist, a.out, variants=[v for v in (a.variants or "").split(",") if v] or None,
-                        baselines=baselines, section=a.section, limit=a.limit, device=a.device)
+    report = run_search(a.bundle, a.datalist, a.out, variants=_names(a.variants) or None,
+                        baselines=_names(a.baselines) or BASELINES, section=a.section, limit=a.limit, device=a.device)
     print(f"selected variant: {report['selection']['selected']} ({a.out / 'search.md'})")
 
 
@@ -121,7 +125,7 @@ def _bench(a: argparse.Namespace) -> None:
     from c2f_med.bench import run_bench
 
     check_output(a.out)
-    run_bench(a.bundle, [m for m in a.methods.split(",") if m], a.slices, a.out, params=parse_params(a.param),
+    run_bench(a.bundle, _names(a.methods), a.slices, a.out, params=parse_params(a.param),
               datalist=a.datalist, device=a.device)
 
 
