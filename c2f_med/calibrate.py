@@ -244,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         label, sep, path = item.partition("=")
         if not sep:
             raise SystemExit(f"expected LABEL=REPORT.json, got {item!r}")
-        reports[label] = json.loads(Path(path).read_text())
+        try:
+            reports[label] = json.loads(Path(path).read_text())
+            measures_table({label: reports[label]})
+        except FileNotFoundError:
+            raise SystemExit(f"{path}: no such report file") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise SystemExit(f"{path}: not a 'c2f-med calibrate --report' file ({type(err).__name__}: {err})") from None
     print(measures_table(reports), end="")
     return 0
 

@@ -121,3 +121,13 @@ def test_measures_table_has_a_row_per_set_and_weights():
     assert len(rows) == 2 and "| old |" in rows[0] and "| new |" in rows[1]
     assert f"{reports['new']['measured']['fresh']['slice_auroc']:.3f}" in rows[1]
     assert "validation ECE" in table
+
+
+def test_report_table_names_a_missing_or_foreign_report_in_one_line(tmp_path):
+    from c2f_med.calibrate import main as table_main
+
+    with pytest.raises(SystemExit, match=r"nothere\.json: no such report file"):
+        table_main([f"x={tmp_path / 'nothere.json'}"])
+    (tmp_path / "other.json").write_text('{"measured": {}}')
+    with pytest.raises(SystemExit, match=r"other\.json: not a 'c2f-med calibrate --report' file"):
+        table_main([f"x={tmp_path / 'other.json'}"])

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,8 +223,12 @@ def inference_config(root: str | Path):
 
 
 def load_weights(net: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu",
-                 problem: str = "cannot load the weights") -> None:
+                 problem: str = "cannot load the weights",
+                 adapt: Callable[[dict, torch.nn.Module], dict] | None = None) -> None:
     """Load the state dict at ``path`` into ``net`` with ``weights_only=True`` (no pickled code runs).
+
+    ``adapt(state, net)`` may rewrite the state dict before it is loaded (e.g. resample position
+    embeddings to ``net``'s token grid).
 
     Raises:
         InputError: ``path`` names no file, or its content is not a state dict that fits ``net``
@@ -233,7 +238,8 @@ def load_weights(net: torch.nn.Module, path: str | Path, device: str | torch.dev
     if not path.is_file():
         raise InputError(path, "no such file of weights")
     try:
-        net.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        state = torch.load(path, map_location=device, weights_only=True)
+        net.load_state_dict(state if adapt is None else adapt(state, net))
     except Exception as err:  # noqa: BLE001 - any failure here is the file's
         raise InputError(path, f"{problem} ({type(err).__name__}: {str(err)[:200]})") from err
 

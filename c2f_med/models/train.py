@@ -378,14 +378,16 @@ def make_config(bundle_root: str | Path, *, epochs: int, epoch_steps: int, seed:
 
 
 def build_network(config: TrainConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """The bundle's :class:`~c2f_med.models.vit.LesionViT`, from ``config.init``'s weights when given."""
+    """The bundle's :class:`~c2f_med.models.vit.LesionViT`, from ``config.init``'s weights when given
+    (trained at any input size: :func:`~c2f_med.models.vit.resample_position_embeddings`)."""
     from c2f_med.models.bundle import load_weights
-    from c2f_med.models.vit import LesionViT
+    from c2f_med.models.vit import LesionViT, resample_position_embeddings
 
     torch.manual_seed(config.seed)
     net = LesionViT(img_size=config.img_size, **config.model).to(device)
-    if config.init is not None:
-        load_weights(net, config.init, device, problem="is not a state dict of the bundle's network")
+    if config.init is not None:  # weights of another input size fit once their position embeddings are resampled
+        load_weights(net, config.init, device, problem="is not a state dict of the bundle's network",
+                     adapt=resample_position_embeddings)
     return net
 
 
@@ -470,13 +472,21 @@ class GradientClip:
 
 
 class TrainingLog:
-    """One row per epoch (step, seconds, mean loss of the epoch, the evaluator's ``val_auroc`` and
-    ``val_accuracy``) written atomically to ``path`` (CSV) after every epoch."""
+    """One row per epoch (step, seconds, mean loss of the epoch, ``train_auroc``, the evaluator's
+    ``val_auroc`` and ``val_accuracy``) written atomically to ``path`` (CSV) after every epoch.
+
+    ``train_auroc`` is the slice AUROC of the epoch's own training batches, from the logits the
+    trainer computed for them (no extra forward pass; augmented, balanced slices, the weights moving
+    during the epoch). Next to ``val_auroc`` it tells a model that does not fit its training stream
+    (both low) from one that fits it but does not carry over (a gap).
+    """
 
     def __init__(self, path: str | Path, evaluator, epoch_steps: int):
         self.path, self.evaluator, self.epoch_steps = Path(path), evaluator, epoch_steps
         self.rows: list[dict] = []
         self.losses: list[float] = []
+        self.scores: list[float] = []  # this epoch's lesion probability (softmax) per training slice
+        self.labels: list[int] = []
         self.start = time.time()
 
     def attach(self, engine) -> None:
@@ -491,18 +501,25 @@ class TrainingLog:
 
     def _loss(self, engine) -> None:
         self.losses.append(float(engine.state.output[0]["loss"]))
+        for item in engine.state.output:  # decollated: pred = [slice logits C, token logits N], label = [y, tokens]
+            self.scores.append(float(torch.softmax(item["pred"][0].double(), 0)[1]))
+            self.labels.append(int(item["label"][0]))
 
     def _epoch(self, engine) -> None:
         from c2f_med.atomic import write_csv
+        from c2f_med.metrics.localisation import pixel_auroc
 
         metrics = self.evaluator.state.metrics
+        labels = np.array(self.labels, bool)
         self.rows.append({
             "step": engine.state.iteration,
             "seconds": round(time.time() - self.start, 1),
             "loss": float(np.mean(self.losses[-self.epoch_steps:])),
+            "train_auroc": pixel_auroc(np.array(self.scores), labels) if 0 < labels.sum() < labels.size else math.nan,
             "val_auroc": float(metrics["val_auroc"]),
             "val_accuracy": float(metrics["val_accuracy"]),
         })
+        self.scores, self.labels = [], []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_csv(self.path, self.rows, list(self.rows[0]))
 
@@ -528,7 +545,7 @@ def finish(bundle_root: str | Path, log: TrainingLog, config: TrainConfig, datal
 
 
 def plot_curve(logs: Sequence[Path], png: Path) -> None:
-    """Training loss and validation AUROC / accuracy against steps, as a PNG.
+    """Training loss, validation AUROC / accuracy and (where logged) training-batch AUROC against steps, as a PNG.
 
     ``logs``: the ``training_log.csv`` of each stage in order (a run, then runs fine-tuning its
     weights with ``init``); a stage's steps continue from the previous stage's last step, and a
@@ -542,7 +559,7 @@ def plot_curve(logs: Sequence[Path], png: Path) -> None:
     from c2f_med.atomic import atomic_path
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    offset, steps, loss, auroc, accuracy = 0, [], [], [], []
+    offset, steps, loss, auroc, train_auroc, accuracy = 0, [], [], [], [], []
     for k, log in enumerate(logs):
         rows = list(csv.DictReader(open(log)))
         if k:
@@ -551,12 +568,15 @@ def plot_curve(logs: Sequence[Path], png: Path) -> None:
         steps += [offset + int(r["step"]) for r in rows]
         loss += [float(r["loss"]) for r in rows]
         auroc += [float(r["val_auroc"]) for r in rows]
+        train_auroc += [float(r.get("train_auroc") or "nan") for r in rows]  # older logs lack it
         accuracy += [float(r["val_accuracy"]) for r in rows]
         offset = steps[-1]
     ax1.plot(steps, loss)
     ax1.set(xlabel="step", ylabel="training loss (epoch mean)")
     ax2.plot(steps, auroc, label="slice AUROC")
     ax2.plot(steps, accuracy, label="slice accuracy")
+    if not np.all(np.isnan(train_auroc)):
+        ax2.plot(steps, train_auroc, linestyle="--", label="training-batch AUROC")
     ax2.set(xlabel="step", ylabel="validation", ylim=(0.5, 1.0))
     ax2.legend(loc="lower right")
     fig.tight_layout()

@@ -21,6 +21,7 @@ logits gives every slice its own gradient: explanations do not depend on batch c
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ import torch
 from monai.networks.nets import ViT
 from torch import nn
 
-__all__ = ["TokenOutputs", "TokenViT", "MonaiViTAdapter", "TimmViTAdapter", "LesionViT", "conv_stem"]
+__all__ = ["TokenOutputs", "TokenViT", "MonaiViTAdapter", "TimmViTAdapter", "LesionViT", "conv_stem",
+           "resample_position_embeddings"]
 
 
 @dataclass
@@ -253,6 +255,28 @@ class LesionViT(MonaiViTAdapter):
         )
         stem = conv_stem(in_channels, stem_channels, stem_depth) if stem_channels else None
         super().__init__(vit, (img_size, img_size), stem=stem, stem_stride=stride)
+
+
+POSITION_KEY = "vit.patch_embedding.position_embeddings"
+
+
+def resample_position_embeddings(state: dict, net: LesionViT) -> dict:
+    """A :class:`LesionViT` state dict with its position embeddings resampled to ``net``'s token grid.
+
+    Fine-tuning at another input size (e.g. 96 -> 128 px: 12 x 12 -> 16 x 16 tokens) keeps every
+    weight but the ``1 x N x D`` position embeddings, which are resized as a ``sqrt(N) x sqrt(N)`` grid
+    (bicubic, timm's ``resample_abs_pos_embed``). A state dict already on ``net``'s grid is returned as it is.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    old = state.get(POSITION_KEY)
+    h, w = net.grid
+    if old is None or old.shape[1] == h * w:
+        return state
+    side = math.isqrt(old.shape[1])
+    if side * side != old.shape[1]:
+        raise ValueError(f"{POSITION_KEY} holds {old.shape[1]} tokens, not a square grid")
+    return {**state, POSITION_KEY: resample_abs_pos_embed(old, [h, w], [side, side], num_prefix_tokens=0)}
 
 
 class TimmViTAdapter(TokenViT):

@@ -48,6 +48,7 @@ def test_short_training_lowers_the_loss(train_datalist, tmp_path):
     rows = list(csv.DictReader(open(bundle / "models" / "training_log.csv")))
     assert len(rows) == 3
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert all(0.0 <= float(r["train_auroc"]) <= 1.0 for r in rows)  # balanced batches: always defined
     state = torch.load(bundle / "models" / "model.pt", weights_only=True)
     LesionViT(img_size=32, **TINY).load_state_dict(state)  # the best checkpoint is a plain state dict
     assert 0.0 <= result["best"]["val_auroc"] <= 1.0
@@ -166,6 +167,21 @@ def test_init_starts_from_the_given_weights(train_datalist, tmp_path):
         torch.testing.assert_close(tuned[name], value.detach(), rtol=0, atol=1e-6)  # (BatchNorm's buffers do move)
 
 
+def test_init_from_another_input_size_resamples_the_position_embeddings(train_datalist, tmp_path):
+    """Weights trained at 16 px fine-tune a 32 px bundle: same weights, a 4 x 4 position grid from 2 x 2."""
+    from c2f_med.models.vit import POSITION_KEY
+
+    start = LesionViT(img_size=16, **TINY)
+    torch.save(start.state_dict(), tmp_path / "start16.pt")
+    _train(train_datalist, tmp_path / "bundle", 1, 2, init=tmp_path / "start16.pt",
+           recipe={"batch_size": 8, "lr": 1e-12, "warmup_steps": 1})
+    tuned = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
+    assert tuned[POSITION_KEY].shape[1] == 4 * start.state_dict()[POSITION_KEY].shape[1]
+    for name, value in start.named_parameters():
+        if name != POSITION_KEY:
+            torch.testing.assert_close(tuned[name], value.detach(), rtol=0, atol=1e-6)
+
+
 def test_init_that_does_not_fit_is_a_clear_error(train_datalist, tmp_path):
     from c2f_med.errors import InputError
 
@@ -219,3 +235,26 @@ def test_run_training_rejects_unknown_recipe_fields(tmp_path):
     for recipe in ({"learning_rate": 1e-3}, {"seed": 3}):
         with pytest.raises(InputError, match="not among"):
             run_training(tmp_path / "dl.json", tmp_path, epochs=1, seed=0, online_lesions=True, recipe=recipe)
+
+
+def test_training_log_scores_the_epochs_own_batches(tmp_path):
+    """train_auroc ranks each epoch's training slices by the logits the trainer computed, then starts afresh."""
+    from types import SimpleNamespace
+
+    from c2f_med.models.train import TrainingLog
+
+    evaluator = SimpleNamespace(state=SimpleNamespace(metrics={"val_auroc": 0.5, "val_accuracy": 0.5}))
+    log = TrainingLog(tmp_path / "log.csv", evaluator, epoch_steps=1)
+
+    def batch(margins, labels):
+        return [{"loss": torch.tensor(1.0), "pred": [torch.tensor([0.0, m]), torch.zeros(4)],
+                 "label": [torch.tensor(y), torch.zeros(4)]} for m, y in zip(margins, labels)]
+
+    engine = SimpleNamespace(state=SimpleNamespace(iteration=1, output=batch([0.1, 0.9, 0.2, 0.8], [0, 1, 0, 1])))
+    log._loss(engine)
+    log._epoch(engine)
+    engine.state.iteration, engine.state.output = 2, batch([0.9, 0.1, 0.6, 0.4], [0, 1, 1, 0])
+    log._loss(engine)
+    log._epoch(engine)
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [float(r["train_auroc"]) for r in rows] == [1.0, 0.25]

@@ -115,3 +115,21 @@ def test_monai_adapter_refuses_tanh_head():
               num_heads=2, classification=True, num_classes=2, spatial_dims=2)  # default Tanh head
     with pytest.raises(ValueError, match="post_activation=None"):
         MonaiViTAdapter(vit, (32, 32))
+
+
+def test_position_embeddings_are_resampled_to_another_input_size():
+    """A 32 px network's weights load into a 48 px one: every other weight kept, the 8 x 8 position
+    grid resized to 12 x 12 (a smooth resampling: its mean barely moves)."""
+    from c2f_med.models.vit import POSITION_KEY, resample_position_embeddings
+
+    small = tiny_monai()
+    torch.manual_seed(1)
+    large = LesionViT(img_size=48, stem_channels=(8, 16), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2)
+    state = resample_position_embeddings(small.state_dict(), large)
+    large.load_state_dict(state)
+    old, new = small.state_dict()[POSITION_KEY], state[POSITION_KEY]
+    assert old.shape == (1, 64, 32) and new.shape == (1, 144, 32)
+    torch.testing.assert_close(new.mean(), old.mean(), atol=0.02, rtol=0)
+    same = {k for k in state if k != POSITION_KEY}
+    assert all(torch.equal(state[k], small.state_dict()[k]) for k in same)
+    assert torch.equal(resample_position_embeddings(small.state_dict(), small)[POSITION_KEY], old)
