@@ -510,12 +510,11 @@ class TrainingLog:
         from c2f_med.metrics.localisation import pixel_auroc
 
         metrics = self.evaluator.state.metrics
-        labels = np.array(self.labels, bool)
         self.rows.append({
             "step": engine.state.iteration,
             "seconds": round(time.time() - self.start, 1),
             "loss": float(np.mean(self.losses[-self.epoch_steps:])),
-            "train_auroc": pixel_auroc(np.array(self.scores), labels) if 0 < labels.sum() < labels.size else math.nan,
+            "train_auroc": pixel_auroc(np.array(self.scores), np.array(self.labels, bool)),  # NaN for one class
             "val_auroc": float(metrics["val_auroc"]),
             "val_accuracy": float(metrics["val_accuracy"]),
         })
