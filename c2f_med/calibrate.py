@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from c2f_med.metrics.calibration import (
 from c2f_med.models.bundle import Bundle, OperatingPoint
 
 __all__ = ["CaseLogits", "calibrate_bundle", "case_logits", "classifier_measures", "fit_operating_point",
-           "measures_table", "run_calibrate", "volume_logits", "write_operating_point"]
+           "labelled_volumes", "measures_table", "run_calibrate", "volume_logits", "write_operating_point"]
 
 TABLE_COLUMNS = (("slice_auroc", "slice AUROC"), ("lesion_auroc", "lesion AUROC"),
                  ("lesion_sensitivity", "lesions found"), ("specificity", "specificity"), ("ece", "ECE"))
@@ -64,8 +64,9 @@ class CaseLogits:
     lesions: list[list[int]]
 
 
-def case_logits(bundle: Bundle, items: Sequence[dict], batch: int = 64, progress: bool = False) -> list[CaseLogits]:
-    """Run the bundle's classifier over every non-background slice of each labelled datalist item.
+def labelled_volumes(bundle: Bundle, items: Sequence[dict], progress: bool = False
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
+    """``(preset-normalised X x Y x Z image, its lesion mask, case id)`` of each labelled datalist item.
 
     Raises:
         InputError: an item without a label (naming its image).
@@ -75,14 +76,18 @@ def case_logits(bundle: Bundle, items: Sequence[dict], batch: int = 64, progress
     from c2f_med.io.transforms import load_case_transforms
 
     load = load_case_transforms(keys=("image", "label"), preset=bundle.preset)
-    out = []
-    for item in tqdm(items, desc="classify", unit="case", disable=not progress):
+    for item in tqdm(items, desc="load", unit="case", disable=not progress):
         if not item.get("label"):
             raise InputError(item["image"], "has no lesion mask (label): calibration needs labelled cases")
         case = load(dict(item))
-        out.append(volume_logits(bundle, case["image"][0].as_tensor(), case["label"][0].as_tensor(),
-                                 str(item.get("case_id", item["image"])), batch))
-    return out
+        yield case["image"][0].as_tensor(), case["label"][0].as_tensor(), str(item.get("case_id", item["image"]))
+
+
+def case_logits(bundle: Bundle, items: Sequence[dict], batch: int = 64, progress: bool = False) -> list[CaseLogits]:
+    """Run the bundle's classifier over every non-background slice of each labelled datalist item
+    (:func:`labelled_volumes`, :func:`volume_logits`)."""
+    return [volume_logits(bundle, image, mask, case, batch)
+            for image, mask, case in labelled_volumes(bundle, items, progress)]
 
 
 def volume_logits(bundle: Bundle, image: torch.Tensor, mask: torch.Tensor, case: str, batch: int = 64) -> CaseLogits:

@@ -1,4 +1,4 @@
-"""The ``c2f-med`` command: synth, train, calibrate, explain, evaluate, search, bench, audit.
+"""The ``c2f-med`` command: synth, train, calibrate, interpolate, explain, evaluate, search, bench, audit.
 
 Bad input exits with status 2 and one line ``c2f-med: error: <file>: <problem>`` on stderr, never
 a traceback; nothing is written inside the inputs.
@@ -84,6 +84,23 @@ def _calibrate(a: argparse.Namespace) -> None:
     for name, m in result["measured"].items():
         print(f"{name}: slice AUROC {m['slice_auroc']:.4f}, lesion AUROC {m['lesion_auroc']:.4f}, lesions found "
               f"{m['lesion_sensitivity']:.3f} ({m['lesions']}), specificity {m['specificity']:.3f}, ECE {m['ece']:.4f}")
+
+
+def _interpolate(a: argparse.Namespace) -> None:
+    from c2f_med.models.interpolate import run_interpolate
+
+    try:
+        alphas = [float(v) for v in _names(a.alphas)]
+    except ValueError:
+        raise InputError(None, f"--alphas {a.alphas!r}: expected comma-separated numbers in [0, 1]") from None
+    if not alphas or not all(0.0 <= v <= 1.0 for v in alphas):
+        raise InputError(None, f"--alphas {a.alphas!r}: expected comma-separated numbers in [0, 1]")
+    result = run_interpolate(a.bundle, a.start, a.tuned, a.datalist, alphas=alphas, section=a.section,
+                             progress=True)
+    for row in result["alphas"]:
+        print(f"alpha {row['alpha']:.2f}: validation slice AUROC {row['val_auroc']:.4f}")
+    print(f"selected alpha {result['selected']:.2f}; weights in {Path(a.bundle) / 'models' / 'model.pt'} "
+          "(run c2f-med calibrate next)")
 
 
 def _explain(a: argparse.Namespace) -> None:
@@ -212,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--report", type=Path, help="write the fitted point and every score as JSON here")
     c.add_argument("--dry-run", action="store_true", help="fit and measure, but leave the bundle unchanged")
     c.set_defaults(func=_calibrate)
+
+    i = sub.add_parser("interpolate", help="blend fine-tuned weights with their starting weights, "
+                       "the blend chosen on validation scans")
+    i.add_argument("--bundle", required=True, type=Path, help="bundle whose models/model.pt gets the blend")
+    i.add_argument("--start", required=True, type=Path, help="the weights the fine-tune started from (alpha 0)")
+    i.add_argument("--tuned", required=True, type=Path, help="the fine-tuned weights (alpha 1)")
+    i.add_argument("--datalist", required=True, type=Path, help="labelled cases to choose alpha on")
+    i.add_argument("--section", default="validation", help="datalist section to choose alpha on")
+    i.add_argument("--alphas", default="0,0.25,0.5,0.75,1",
+                   help="comma-separated blends (1 - alpha) * start + alpha * tuned to score")
+    i.set_defaults(func=_interpolate)
 
     e = sub.add_parser("explain", help="saliency volume, overlay, predictions (and scores) for one scan")
     bundle_args(e)

@@ -241,7 +241,8 @@ def load_weights(net: torch.nn.Module, path: str | Path, device: str | torch.dev
         state = torch.load(path, map_location=device, weights_only=True)
         net.load_state_dict(state if adapt is None else adapt(state, net))
     except Exception as err:  # noqa: BLE001 - any failure here is the file's
-        raise InputError(path, f"{problem} ({type(err).__name__}: {str(err)[:200]})") from err
+        cause = " ".join(str(err).split())[:200]  # one line: torch's messages span several
+        raise InputError(path, f"{problem} ({type(err).__name__}: {cause})") from err
 
 
 def load_bundle(root: str | Path, device: str | torch.device = "cpu", *, reinit_seed: int | None = None) -> Bundle:
