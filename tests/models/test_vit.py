@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from c2f_med.models.vit import LesionViT, MonaiViTAdapter, TimmViTAdapter
+from c2f_med.models.vit import LesionViT, LocalContrast, MonaiViTAdapter, TimmViTAdapter
 
 
 def tiny_monai() -> LesionViT:
@@ -133,3 +133,33 @@ def test_position_embeddings_are_resampled_to_another_input_size():
     same = {k for k in state if k != POSITION_KEY}
     assert all(torch.equal(state[k], small.state_dict()[k]) for k in same)
     assert torch.equal(resample_position_embeddings(small.state_dict(), small)[POSITION_KEY], old)
+
+
+def test_local_contrast_reads_a_lesion_against_its_surroundings():
+    """A bump 30 % above flat tissue reads positive at its centre and negative just outside it, flat
+    tissue reads 0, and once the step is well above sqrt(eps) the reading no longer depends on the
+    tissue's own level (divisive normalisation); the raw slice is kept as the first channel."""
+    lc = LocalContrast(sigma=3.0)
+    centre = {}
+    for level in (0.2, 3.0, 10.0):
+        x = torch.full((1, 1, 48, 48), level)
+        x[..., 20:26, 20:26] *= 1.3
+        y = lc(x)
+        assert y.shape == (1, 2, 48, 48) and torch.equal(y[:, :1], x)
+        assert abs(float(y[0, 1, 2, 2])) < 1e-4 and float(y[0, 1, 18, 23]) < 0
+        centre[level] = float(y[0, 1, 23, 23])
+    assert 0 < centre[0.2] < centre[3.0]  # a faint step is damped by eps
+    assert centre[3.0] == pytest.approx(centre[10.0], abs=0.05)
+    x = 2 + torch.randn(1, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(lc(x)[:, 1], lc(3 * x)[:, 1], atol=0.02)
+
+
+def test_lesion_vit_with_local_contrast_keeps_one_input_channel_and_a_plain_state_dict():
+    net = LesionViT(img_size=32, stem_channels=(8, 16), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2,
+                    local_contrast_sigma=2.0)
+    assert net(torch.randn(2, 1, 32, 32)).shape == (2, 2)
+    state = net.state_dict()
+    assert not any("kernel" in k for k in state)  # no weights of its own
+    assert state["stem.1.weight"].shape[1] == 2  # the first conv sees slice and contrast
+    with pytest.raises(ValueError, match="stem"):
+        LesionViT(stem_channels=(), local_contrast_sigma=2.0)
