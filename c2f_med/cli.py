@@ -92,7 +92,7 @@ def _interpolate(a: argparse.Namespace) -> None:
     try:
         alphas = [float(v) for v in _names(a.alphas)]
     except ValueError:
-        raise InputError(None, f"--alphas {a.alphas!r}: expected comma-separated numbers in [0, 1]") from None
+        alphas = []
     if not alphas or not all(0.0 <= v <= 1.0 for v in alphas):
         raise InputError(None, f"--alphas {a.alphas!r}: expected comma-separated numbers in [0, 1]")
     result = run_interpolate(a.bundle, a.start, a.tuned, a.datalist, alphas=alphas, section=a.section,
