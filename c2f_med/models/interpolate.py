@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from c2f_med.errors import InputError
@@ -71,9 +70,8 @@ def run_interpolate(bundle_dir: str | Path, start: str | Path, tuned: str | Path
             labelled cases.
     """
     from c2f_med.atomic import atomic_path, write_json
-    from c2f_med.calibrate import labelled_volumes, volume_logits
+    from c2f_med.calibrate import classifier_measures, labelled_volumes, volume_logits
     from c2f_med.io.manifest import read_datalist
-    from c2f_med.metrics.localisation import pixel_auroc
     from c2f_med.models.bundle import load_bundle, sha256_file
     from c2f_med.models.train import bundle_network
 
@@ -91,10 +89,8 @@ def run_interpolate(bundle_dir: str | Path, start: str | Path, tuned: str | Path
         weights = interpolate_weights(*states, alpha)
         bundle.model.load_state_dict(weights)
         cases = [volume_logits(bundle, *volume) for volume in volumes]
-        logits = torch.from_numpy(np.concatenate([c.logits for c in cases]))
-        score = torch.softmax(logits.double(), 1)[:, lesion].numpy()
-        rows.append({"alpha": alpha, "val_auroc": pixel_auroc(score, np.concatenate([c.label for c in cases])),
-                     "weights": weights})
+        score = classifier_measures(cases, bundle.operating_point, lesion)["slice_auroc"]
+        rows.append({"alpha": alpha, "val_auroc": score, "weights": weights})
     best = max(rows, key=lambda r: (r["val_auroc"], -r["alpha"]))
     with atomic_path(bundle_dir / "models" / "model.pt") as tmp:
         torch.save(best["weights"], tmp)
