@@ -47,11 +47,11 @@ def interpolate_weights(start: Mapping[str, torch.Tensor], tuned: Mapping[str, t
 
 
 def _state(path: Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict at ``path``, checked to fit ``net`` (position embeddings resampled to its input size)."""
+    """The state dict at ``path``, fitted to ``net`` (:func:`~c2f_med.models.vit.fit_state_dict`)."""
     from c2f_med.models.bundle import load_weights
-    from c2f_med.models.vit import resample_position_embeddings
+    from c2f_med.models.vit import fit_state_dict
 
-    load_weights(net, path, problem="is not a state dict of the bundle's network", adapt=resample_position_embeddings)
+    load_weights(net, path, problem="is not a state dict of the bundle's network", adapt=fit_state_dict)
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 

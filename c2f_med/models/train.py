@@ -379,15 +379,15 @@ def make_config(bundle_root: str | Path, *, epochs: int, epoch_steps: int, seed:
 
 def build_network(config: TrainConfig, device: str | torch.device = "cpu") -> nn.Module:
     """The bundle's :class:`~c2f_med.models.vit.LesionViT`, from ``config.init``'s weights when given
-    (trained at any input size: :func:`~c2f_med.models.vit.resample_position_embeddings`)."""
+    (trained at any input size, with or without local contrast: :func:`~c2f_med.models.vit.fit_state_dict`)."""
     from c2f_med.models.bundle import load_weights
-    from c2f_med.models.vit import LesionViT, resample_position_embeddings
+    from c2f_med.models.vit import LesionViT, fit_state_dict
 
     torch.manual_seed(config.seed)
     net = LesionViT(img_size=config.img_size, **config.model).to(device)
-    if config.init is not None:  # weights of another input size fit once their position embeddings are resampled
+    if config.init is not None:
         load_weights(net, config.init, device, problem="is not a state dict of the bundle's network",
-                     adapt=resample_position_embeddings)
+                     adapt=fit_state_dict)
     return net
 
 

@@ -30,7 +30,7 @@ from monai.networks.nets import ViT
 from torch import nn
 
 __all__ = ["TokenOutputs", "TokenViT", "MonaiViTAdapter", "TimmViTAdapter", "LesionViT", "LocalContrast", "conv_stem",
-           "resample_position_embeddings"]
+           "resample_position_embeddings", "add_local_contrast_inputs", "fit_state_dict"]
 
 
 @dataclass
@@ -313,6 +313,36 @@ def resample_position_embeddings(state: dict, net: LesionViT) -> dict:
     if side * side != old.shape[1]:
         raise ValueError(f"{POSITION_KEY} holds {old.shape[1]} tokens, not a square grid")
     return {**state, POSITION_KEY: resample_abs_pos_embed(old, [h, w], [side, side], num_prefix_tokens=0)}
+
+
+def add_local_contrast_inputs(state: dict, net: LesionViT) -> dict:
+    """A state dict of a :class:`LesionViT` without :class:`LocalContrast`, made to fit ``net``, which has it.
+
+    The stem's keys move one place down (``stem.i.* -> stem.(i+1).*``: the layer in front has no
+    weights) and the first convolution's ``C_out x C x 3 x 3`` kernel gets ``C`` zero input channels for
+    the local-contrast maps, so ``net`` computes exactly what the old weights did until fine-tuning
+    gives those channels weight (the new kernel's gradient is not zero). A state dict that already
+    fits, or a ``net`` without the layer, is returned as it is.
+    """
+    stem = getattr(net, "stem", None)
+    if not (isinstance(stem, nn.Sequential) and len(stem) and isinstance(stem[0], LocalContrast)
+            and "stem.0.weight" in state):
+        return state
+    out = {}
+    for key, value in state.items():
+        if key.startswith("stem."):
+            index, rest = key[len("stem."):].split(".", 1)
+            key = f"stem.{int(index) + 1}.{rest}"
+        out[key] = value
+    kernel = out["stem.1.weight"]
+    out["stem.1.weight"] = torch.cat([kernel, torch.zeros_like(kernel)], 1)
+    return out
+
+
+def fit_state_dict(state: dict, net: LesionViT) -> dict:
+    """``state`` fitted to ``net`` for fine-tuning: :func:`add_local_contrast_inputs`, then
+    :func:`resample_position_embeddings`."""
+    return resample_position_embeddings(add_local_contrast_inputs(state, net), net)
 
 
 class TimmViTAdapter(TokenViT):

@@ -163,3 +163,26 @@ def test_lesion_vit_with_local_contrast_keeps_one_input_channel_and_a_plain_stat
     assert state["stem.1.weight"].shape[1] == 2  # the first conv sees slice and contrast
     with pytest.raises(ValueError, match="stem"):
         LesionViT(stem_channels=(), local_contrast_sigma=2.0)
+
+
+def test_weights_without_local_contrast_fine_tune_a_network_with_it_from_the_same_function():
+    """Weights of a plain network load into one with the local-contrast layer (keys moved, zero kernels
+    for the contrast channels): the logits are the same, the new kernels get a gradient, and a
+    state dict that already fits is left alone."""
+    from c2f_med.models.vit import fit_state_dict
+
+    plain = tiny_monai()
+    torch.manual_seed(1)
+    net = LesionViT(img_size=32, stem_channels=(8, 16), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2,
+                    local_contrast_sigma=2.0)
+    state = fit_state_dict(plain.state_dict(), net)
+    net.load_state_dict(state)
+    net.eval()
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(net(x), plain(x))
+    assert not torch.any(state["stem.1.weight"][:, 1:]) and torch.equal(state["stem.1.weight"][:, :1],
+                                                                         plain.state_dict()["stem.0.weight"])
+    net(x)[:, 1].sum().backward()
+    assert torch.any(net.stem[1].weight.grad[:, 1:] != 0)
+    fitting = net.state_dict()
+    assert fit_state_dict(fitting, net) is fitting
