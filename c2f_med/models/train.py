@@ -171,7 +171,7 @@ class OnlineLesionSlices(IterableDataset):
             return make_random_anatomy(rng)
         return make_anatomy(rng)
 
-    def _twins(self, anatomy, rng: np.random.Generator, step: int):
+    def twins(self, anatomy, rng: np.random.Generator, step: int):
         """One volume with fresh lesions and its lesion-free twin (same bias and noise), both through
         the inference preset and slicing: :func:`slice_dataset`'s ``(x, y, index, masks)`` of each."""
         from c2f_med.io.transforms import MRPercentileNorm
@@ -208,7 +208,7 @@ class OnlineLesionSlices(IterableDataset):
         volumes = 0
         for step in itertools.count():
             while len(buffer) < 4 * cfg.batch_size:
-                (x, y, index, m), (tx, _, tindex, tm) = self._twins(pool[int(rng.integers(len(pool)))], rng, step)
+                (x, y, index, m), (tx, _, tindex, tm) = self.twins(pool[int(rng.integers(len(pool)))], rng, step)
                 positives = np.flatnonzero(y.numpy() == 1)
                 twin_row = {int(i): r for r, i in enumerate(tindex.tolist())}
                 for p in rng.permutation(positives)[: cfg.batch_size]:
