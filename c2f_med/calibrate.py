@@ -40,8 +40,9 @@ from c2f_med.metrics.calibration import (
 )
 from c2f_med.models.bundle import Bundle, OperatingPoint
 
-__all__ = ["CaseLogits", "calibrate_bundle", "case_logits", "classifier_measures", "fit_operating_point",
-           "labelled_volumes", "measures_table", "run_calibrate", "volume_logits", "write_operating_point"]
+__all__ = ["CaseLogits", "batched_logits", "calibrate_bundle", "case_logits", "classifier_measures",
+           "fit_operating_point", "labelled_volumes", "measures_table", "run_calibrate", "volume_logits",
+           "write_operating_point"]
 
 TABLE_COLUMNS = (("slice_auroc", "slice AUROC"), ("lesion_auroc", "lesion AUROC"),
                  ("lesion_sensitivity", "lesions found"), ("specificity", "specificity"), ("ece", "ECE"))
@@ -90,6 +91,12 @@ def case_logits(bundle: Bundle, items: Sequence[dict], batch: int = 64, progress
             for image, mask, case in labelled_volumes(bundle, items, progress)]
 
 
+def batched_logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """``model`` on ``n x C x H x W`` slices, ``batch`` at a time, without gradients: ``n x K`` float32 logits."""
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]).float()
+
+
 def volume_logits(bundle: Bundle, image: torch.Tensor, mask: torch.Tensor, case: str, batch: int = 64) -> CaseLogits:
     """:class:`CaseLogits` of one preset-normalised ``X x Y x Z`` volume and its lesion mask (same grid)."""
     from skimage import measure
@@ -98,8 +105,7 @@ def volume_logits(bundle: Bundle, image: torch.Tensor, mask: torch.Tensor, case:
 
     axis = int(bundle.config.get("axis", 2))
     x, y, index, _ = slice_dataset(image, mask, int(bundle.model.input_size[0]), axis)
-    with torch.inference_mode():
-        logits = torch.cat([bundle.model(x[i:i + batch]) for i in range(0, len(x), batch)]).float().numpy()
+    logits = batched_logits(bundle.model, x, batch).numpy()
     components = np.moveaxis(measure.label(mask.numpy() > 0, connectivity=3), axis, 0)
     lesions = [[int(k) for k in np.unique(components[int(i)]) if k] for i in index]
     return CaseLogits(case, logits, y.numpy() == 1, lesions)

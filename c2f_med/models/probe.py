@@ -72,11 +72,11 @@ def twin_scores(model: torch.nn.Module, volumes: Sequence[TwinSlices], lesion_cl
                 batch: int = 64) -> dict[str, float]:
     """``paired_auroc`` and ``best_slice_auroc`` (module docstring) of ``model`` (``B x 1 x S x S`` ->
     ``B x 2`` logits) on the probe volumes, with the counts ``volumes`` and ``slices``."""
+    from c2f_med.calibrate import batched_logits
     from c2f_med.metrics.localisation import pixel_auroc
 
     def score(x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            logits = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]).float()
+        logits = batched_logits(model, x, batch)
         return (logits[:, lesion_class] - logits[:, 1 - lesion_class]).numpy().astype(np.float64)
 
     lesion, twin, best = [], [], []
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(probe_table(probe_twins(a.bundle, families, a.volumes, a.seed, regimes)), end="")
     except (InputError, ValueError) as err:
-        raise SystemExit(f"c2f-med probe: {err}") from None
+        raise SystemExit(str(err)) from None
     return 0
 
 
