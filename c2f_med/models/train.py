@@ -14,10 +14,11 @@ Two slice sources, one recipe:
   (:mod:`c2f_med.slices`), so training and explaining see identical inputs.
 - :class:`DatalistSlices` (your own data): every slice of the datalist's "training" cases.
 
-Both yield balanced batches (half the slices show a lesion, label = the slice has lesion voxels)
-with augmentation applied to whole batches (random rotation, scaling, flips, gamma, gain, noise,
-blur). Validation runs on the datalist's "validation" cases (another synth seed for the demo):
-slice AUROC and accuracy every epoch, the best checkpoint kept as ``models/model.pt`` (a state
+Both yield balanced batches (half the slices show a lesion, label = the slice has lesion voxels;
+``visible_fraction`` leaves out the slices that only graze a lesion, :func:`faint_slices`) with
+augmentation applied to whole batches (random rotation, scaling, flips, gamma, gain, noise, blur).
+Validation runs on the datalist's "validation" cases (another synth seed for the demo): slice
+AUROC and accuracy every epoch, the best checkpoint kept as ``models/model.pt`` (a state
 dict). Recipe (measured on CPU, see docs/experiments.md): AdamW, warmup then cosine decay, weight decay
 off for norms / biases / position embeddings / CLS, gradient clipping, and a curriculum that
 widens the lesion contrast and size ranges from conspicuous to the full range over the first
@@ -48,7 +49,8 @@ from torch.utils.data import IterableDataset
 from c2f_med.slices import INPUT_MEAN, INPUT_STD, normalise_input, to_model_grid, volume_slices
 
 __all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "GradientClip", "SliceTokenLoss", "TokenBatch",
-           "TrainingLog", "WarmupCosine", "augment", "build_network", "bundle_network", "finish", "make_config",
+           "TrainingLog", "WarmupCosine", "augment", "build_network", "bundle_network", "faint_slices", "finish",
+           "make_config",
            "param_groups", "plot_curve", "probabilities_onehot", "recipe_fields", "recipe_value", "run_training",
            "slice_dataset", "training_slices", "validation_slices"]
 
@@ -85,6 +87,9 @@ class TrainConfig:
     img_size: int = 96
     randomised_fraction: float = 0.0  # share of pool anatomies drawn domain-randomised (c2f_med.synth.randomised)
     families: tuple[str, ...] = ()  # lesion families on those anatomies (empty: the training families)
+    # lesion slices showing every lesion they cut at less than this share of its largest cross-section are
+    # left out of training (neither positive nor negative: faint_slices); 0 keeps every lesion slice
+    visible_fraction: float = 0.0
 
 
 RECIPE_FIXED = ("steps", "epoch_steps", "seed", "init", "model", "img_size")  # set by run_training's own arguments
@@ -133,6 +138,28 @@ def _balanced(labels: torch.Tensor, rng: np.random.Generator, half: int) -> list
     return rng.permutation(np.concatenate(picks)).tolist()
 
 
+def faint_slices(label: torch.Tensor, index: torch.Tensor, fraction: float, axis: int = 2) -> torch.Tensor:
+    """Which of the slices ``index`` of a lesion mask ``X x Y x Z`` cut their lesions only faintly.
+
+    Each lesion is a 26-connected component ``k`` of the mask. A slice ``i`` shows ``a_k(i)`` voxels
+    of it, and ``A_k = max_i a_k(i)`` is its largest cross-section. Slice ``i`` is faint when it cuts
+    at least one lesion and ``a_k(i) < fraction * A_k`` for every lesion ``k`` it cuts: the cap of a
+    sphere, the tail of a soft lesion. Returns ``len(index)`` booleans (all ``False`` for ``fraction`` 0).
+    """
+    from skimage import measure
+
+    if fraction <= 0:
+        return torch.zeros(len(index), dtype=torch.bool)
+    components = np.moveaxis(measure.label(label.numpy() > 0, connectivity=3), axis, 0)  # Z x X x Y, 0 = none
+    n, k = components.shape[0], int(components.max()) + 1
+    area = np.bincount((np.arange(n)[:, None] * k + components.reshape(n, -1)).ravel(), minlength=n * k)
+    area = area.reshape(n, k)[:, 1:]  # slice x lesion voxel counts
+    cut = area > 0
+    shown = area >= fraction * area.max(0, initial=0)
+    faint = cut.any(1) & ~(cut & shown).any(1)
+    return torch.from_numpy(faint[index.numpy()])
+
+
 def slice_dataset(image: torch.Tensor, label: torch.Tensor | None, size: int, axis: int = 2):
     """One preset-normalised volume ``X x Y x Z`` (and its mask) -> model-grid slices and slice labels.
 
@@ -173,7 +200,8 @@ class OnlineLesionSlices(IterableDataset):
 
     def twins(self, anatomy, rng: np.random.Generator, step: int):
         """One volume with fresh lesions and its lesion-free twin (same bias and noise), both through
-        the inference preset and slicing: :func:`slice_dataset`'s ``(x, y, index, masks)`` of each."""
+        the inference preset and slicing: :func:`slice_dataset`'s ``(x, y, index, masks)`` of each, the
+        lesion volume's labels -1 at its faint slices (:func:`faint_slices`, ``visible_fraction``)."""
         from c2f_med.io.transforms import MRPercentileNorm
         from c2f_med.synth import randomised
         from c2f_med.synth.anatomy import finalise
@@ -195,6 +223,8 @@ class OnlineLesionSlices(IterableDataset):
             image = finalise(image, anatomy.bias, anatomy.noise_sigma, np.random.default_rng(noise_seed))
             image = MRPercentileNorm()(torch.from_numpy(image)[None])[0].as_tensor()  # plain tensor: fast ops
             out.append(slice_dataset(image, torch.from_numpy(label), self.cfg.img_size))
+        x, y, index, m = out[0]
+        y[faint_slices(torch.from_numpy(mask), index, self.cfg.visible_fraction)] = -1
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -237,7 +267,8 @@ class DatalistSlices(IterableDataset):
         for image, label in _load_cases(items):
             if label is None:
                 raise ValueError(f"training case {image.meta.get('filename_or_obj', '')} has no label")
-            x, y, _, m = slice_dataset(image, label, cfg.img_size)
+            x, y, index, m = slice_dataset(image, label, cfg.img_size)
+            y[faint_slices(label, index, cfg.visible_fraction)] = -1  # left out by _balanced
             xs.append(x)
             ys.append(y)
             ms.append(m)

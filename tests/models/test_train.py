@@ -16,6 +16,7 @@ from c2f_med.models.train import (
     TrainConfig,
     _curriculum,
     augment,
+    faint_slices,
     run_training,
     token_targets,
 )
@@ -88,6 +89,35 @@ def test_online_batches_are_balanced_twins_and_seeded():
     assert a["mask"][a["label"] == 0].max() == 0 and a["mask"][a["label"] == 1].amax((1, 2, 3)).min() > 0
     assert 4 <= int(a["label"].sum()) <= 12  # pairs of positives and negatives, shuffled
     torch.testing.assert_close(a["image"], b["image"])
+
+
+def test_faint_slices_are_the_grazing_slices_of_each_lesion():
+    label = torch.zeros(12, 12, 20, dtype=torch.uint8)
+    zz, yy, xx = np.meshgrid(np.arange(12), np.arange(12), np.arange(20), indexing="ij")
+    label[torch.from_numpy((zz - 5) ** 2 + (yy - 5) ** 2 + (xx - 5) ** 2 <= 9)] = 1  # a sphere, slices 2-8
+    label[1, 1, 12:15] = 1  # a 1-voxel-wide rod: every slice shows its whole cross-section
+    index = torch.arange(20)
+    faint = faint_slices(label, index, 0.3)
+    # the sphere's caps (1 voxel of 29 at slices 2 and 8) are faint; its middle and the rod are not
+    assert faint.tolist() == [i in (2, 8) for i in range(20)]
+    assert not faint_slices(label, index, 0.0).any()
+    assert faint_slices(label, index, 1.0).tolist() == [i in (2, 3, 4, 6, 7, 8) for i in range(20)]
+    assert faint_slices(label, torch.tensor([8, 5]), 0.3).tolist() == [True, False]
+
+
+def test_visible_fraction_keeps_faint_slices_out_of_the_online_stream():
+    cfg = TrainConfig(anatomy_pool=1, batch_size=8, seed=5, visible_fraction=0.5)
+    source = OnlineLesionSlices(cfg)
+    rng = np.random.default_rng(1)
+    (x, y, index, m), _ = source.twins(source._anatomy(rng), rng, 10**6)
+    strict = OnlineLesionSlices(TrainConfig(anatomy_pool=1, batch_size=8, seed=5))
+    rng = np.random.default_rng(1)
+    (_, y_all, _, m_all), _ = strict.twins(strict._anatomy(rng), rng, 10**6)
+    assert (y == -1).any() and ((y == -1) <= (y_all == 1)).all()  # only lesion slices are left out
+    assert (y[y_all == 0] == 0).all()
+    # a left-out slice shows less lesion than the slices kept: the caps of each lesion
+    assert m_all[y == -1].sum((1, 2, 3)).mean() < m_all[y == 1].sum((1, 2, 3)).mean()
+    assert set(next(iter(source))["label"].tolist()) <= {0, 1}
 
 
 def test_randomised_fraction_draws_domain_randomised_anatomies_of_training_regimes(monkeypatch):
