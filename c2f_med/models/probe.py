@@ -51,7 +51,7 @@ def twin_slices(family: str, volumes: int, seed: int, img_size: int = 96,
                 regimes: Sequence[str] | None = None) -> list[TwinSlices]:
     """``volumes`` seeded probe volumes with one ``family`` lesion each (volumes whose lesion cuts no
     slice are skipped), on anatomies of ``regimes`` (default: the training regimes)."""
-    from c2f_med.models.train import OnlineLesionSlices, TrainConfig
+    from c2f_med.models.train import OnlineLesionSlices, TrainConfig, twin_rows
     from c2f_med.synth.randomised import FAMILIES, TRAINING_REGIMES, check_names, make_random_anatomy
 
     check_names((family,), FAMILIES, "families")
@@ -61,10 +61,10 @@ def twin_slices(family: str, volumes: int, seed: int, img_size: int = 96,
     out = []
     for _ in range(volumes):
         (x, y, index, _), (tx, _, tindex, _) = source.twins(make_random_anatomy(rng, regimes), rng, step=0)
-        row = {int(i): r for r, i in enumerate(tindex.tolist())}
-        pos = [int(p) for p in np.flatnonzero(y.numpy() == 1) if int(index[p]) in row]
+        rows = twin_rows(index, tindex)
+        pos = [int(p) for p in np.flatnonzero(y.numpy() == 1) if rows[p] >= 0]
         if pos:
-            out.append(TwinSlices(x[pos], tx[[row[int(index[p])] for p in pos]]))
+            out.append(TwinSlices(x[pos], tx[rows[pos].tolist()]))
     return out
 
 

@@ -50,9 +50,8 @@ from c2f_med.slices import INPUT_MEAN, INPUT_STD, normalise_input, to_model_grid
 
 __all__ = ["TrainConfig", "OnlineLesionSlices", "DatalistSlices", "GradientClip", "SliceTokenLoss", "TokenBatch",
            "TrainingLog", "WarmupCosine", "augment", "build_network", "bundle_network", "faint_slices", "finish",
-           "make_config",
-           "param_groups", "plot_curve", "probabilities_onehot", "recipe_fields", "recipe_value", "run_training",
-           "slice_dataset", "training_slices", "validation_slices"]
+           "make_config", "param_groups", "plot_curve", "probabilities_onehot", "recipe_fields", "recipe_value",
+           "run_training", "slice_dataset", "training_slices", "twin_rows", "validation_slices"]
 
 
 @dataclass
@@ -178,6 +177,13 @@ def slice_dataset(image: torch.Tensor, label: torch.Tensor | None, size: int, ax
     return normalise_input(x), y, index, masks
 
 
+def twin_rows(index: torch.Tensor, twin_index: torch.Tensor) -> np.ndarray:
+    """For each slice ``index[r]`` of a lesion volume, the row of the same slice among its twin's
+    slices ``twin_index`` (-1 where the twin has none). Both as :func:`slice_dataset` returns them."""
+    row = {int(i): r for r, i in enumerate(twin_index.tolist())}
+    return np.array([row.get(int(i), -1) for i in index.tolist()], dtype=np.int64)
+
+
 class OnlineLesionSlices(IterableDataset):
     """Endless balanced batches of synthetic slices with freshly drawn lesions.
 
@@ -240,11 +246,11 @@ class OnlineLesionSlices(IterableDataset):
             while len(buffer) < 4 * cfg.batch_size:
                 (x, y, index, m), (tx, _, tindex, tm) = self.twins(pool[int(rng.integers(len(pool)))], rng, step)
                 positives = np.flatnonzero(y.numpy() == 1)
-                twin_row = {int(i): r for r, i in enumerate(tindex.tolist())}
+                rows = twin_rows(index, tindex)
                 for p in rng.permutation(positives)[: cfg.batch_size]:
                     buffer.append((x[p], m[p], 1))
-                    same = twin_row.get(int(index[p]))
-                    q = same if same is not None and rng.random() < cfg.twin_negative else int(rng.integers(len(tx)))
+                    same = int(rows[p])
+                    q = same if same >= 0 and rng.random() < cfg.twin_negative else int(rng.integers(len(tx)))
                     buffer.append((tx[q], tm[q], 0))
                 volumes += 1
                 if volumes % cfg.anatomy_refresh == 0:

@@ -19,6 +19,7 @@ from c2f_med.models.train import (
     faint_slices,
     run_training,
     token_targets,
+    twin_rows,
 )
 from c2f_med.models.vit import LesionViT
 from tests.conftest import TINY_NETWORK, write_tiny_bundle
@@ -89,6 +90,10 @@ def test_online_batches_are_balanced_twins_and_seeded():
     assert a["mask"][a["label"] == 0].max() == 0 and a["mask"][a["label"] == 1].amax((1, 2, 3)).min() > 0
     assert 4 <= int(a["label"].sum()) <= 12  # pairs of positives and negatives, shuffled
     torch.testing.assert_close(a["image"], b["image"])
+
+
+def test_twin_rows_pair_the_same_slice_index():
+    assert twin_rows(torch.tensor([3, 4, 5]), torch.tensor([4, 5, 6])).tolist() == [-1, 0, 1]
 
 
 def test_faint_slices_are_the_grazing_slices_of_each_lesion():
@@ -288,3 +293,22 @@ def test_training_log_scores_the_epochs_own_batches(tmp_path):
     log._epoch(engine)
     rows = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert [float(r["train_auroc"]) for r in rows] == [1.0, 0.25]
+
+
+def test_visible_fraction_leaves_faint_datalist_slices_out_of_the_batches(tmp_path):
+    from c2f_med.models.train import DatalistSlices
+    from tests.conftest import write_nifti
+
+    grid = np.meshgrid(*(np.arange(n) for n in (24, 24, 24)), indexing="ij")
+    head = sum((g - 11.5) ** 2 for g in grid) <= 121
+    ball = sum((g - c) ** 2 for g, c in zip(grid, (12, 12, 8))) <= 16  # radius 4: caps of 1 voxel at z 4, 12
+    image = np.where(head, 600 + 80 * np.random.default_rng(0).standard_normal(head.shape), 0) + 400 * ball
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    item = {"image": str(write_nifti(tmp_path / "ball.nii.gz", image.astype(np.int16), affine)),
+            "label": str(write_nifti(tmp_path / "ball_mask.nii.gz", ball.astype(np.uint8), affine))}
+    every = DatalistSlices([item], TrainConfig(img_size=32, batch_size=8))
+    visible = DatalistSlices([item], TrainConfig(img_size=32, batch_size=8, visible_fraction=0.3))
+    left_out = visible.y == -1
+    assert int(left_out.sum()) == 2 and (every.y[left_out] == 1).all()
+    assert (visible.y[~left_out] == every.y[~left_out]).all()
+    assert set(next(iter(visible))["label"].tolist()) <= {0, 1}
