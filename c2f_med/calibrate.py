@@ -99,14 +99,13 @@ def batched_logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> 
 
 def volume_logits(bundle: Bundle, image: torch.Tensor, mask: torch.Tensor, case: str, batch: int = 64) -> CaseLogits:
     """:class:`CaseLogits` of one preset-normalised ``X x Y x Z`` volume and its lesion mask (same grid)."""
-    from skimage import measure
-
     from c2f_med.models.train import slice_dataset
+    from c2f_med.summary import lesion_components
 
     axis = int(bundle.config.get("axis", 2))
     x, y, index, _ = slice_dataset(image, mask, int(bundle.model.input_size[0]), axis)
     logits = batched_logits(bundle.model, x, batch).numpy()
-    components = np.moveaxis(measure.label(mask.numpy() > 0, connectivity=3), axis, 0)
+    components = lesion_components(mask.numpy(), axis)
     lesions = [[int(k) for k in np.unique(components[int(i)]) if k] for i in index]
     return CaseLogits(case, logits, y.numpy() == 1, lesions)
 

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose
-from skimage import measure
 
 from c2f_med.atomic import atomic_dir, write_json
 from c2f_med.explain import Explainer, Explanation, create, explain_volume
@@ -56,7 +55,7 @@ from c2f_med.metrics.stability import int16_storage, noise_floor, saliency_corre
 from c2f_med.models.bundle import Bundle, OperatingPoint
 from c2f_med.provenance import provenance
 from c2f_med.slices import INPUT_STD, evenly_spread, normalise_input, to_model_grid, volume_slices
-from c2f_med.summary import classifier_rows, iou_counts
+from c2f_med.summary import classifier_rows, iou_counts, lesion_components
 
 __all__ = ["FAITHFULNESS", "ITEM_OPTIONS", "LOCALISATION_KEYS", "STABILITY", "CaseResult", "CaseScores", "Metered",
            "classify", "explain_and_score", "item_options", "load_scan", "load_variants", "tolerance_voxels",
@@ -275,7 +274,7 @@ def explain_and_score(
     operating_point = operating_point or OperatingPoint()
     volume = scan.as_tensor()[0] if isinstance(scan, MetaTensor) else scan[0]  # X x Y x Z
     metered = explainer if isinstance(explainer, Metered) else Metered(explainer)
-    components = None if label is None else np.moveaxis(measure.label(label, connectivity=3), axis, 0)  # n x h x w
+    components = None if label is None else lesion_components(label, axis)  # n x h x w
     probability = None
     if explain == "scored" or operating_point.temperature != 1:
         probability = classify(model, volume, axis, target, operating_point)

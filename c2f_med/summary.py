@@ -73,6 +73,7 @@ __all__ = [
     "iou_counts",
     "aggregate",
     "classifier_rows",
+    "lesion_components",
     "classifier_scores",
     "summarise",
     "render_markdown",
@@ -147,6 +148,12 @@ def _nanmean(v: np.ndarray) -> float:
     return float(np.mean(v[~np.isnan(v)])) if np.any(~np.isnan(v)) else math.nan
 
 
+def lesion_components(mask: np.ndarray, axis: int) -> np.ndarray:
+    """A case's lesions: the 26-connected components of its mask ``X x Y x Z``
+    (:func:`skimage.measure.label`), numbered 1, 2, ... (0: no lesion), as ``n x h x w`` slices along ``axis``."""
+    return np.moveaxis(measure.label(np.asarray(mask) > 0, connectivity=3), axis, 0)
+
+
 def classifier_rows(case: str, predictions: Sequence[Any], mask: np.ndarray, axis: int,
                     components: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Classifier rows of one case from its slice predictions (:class:`~c2f_med.explain.volume.SlicePrediction`:
@@ -154,9 +161,7 @@ def classifier_rows(case: str, predictions: Sequence[Any], mask: np.ndarray, axi
     ``X x Y x Z`` (bool) sliced along ``axis``. A case's lesions are the 26-connected components of
     the mask (:func:`skimage.measure.label`), numbered 1, 2, ... in the case; ``components`` (``X x Y x Z``)
     passes them when already computed."""
-    if components is None:
-        components = measure.label(mask, connectivity=3)
-    components = np.moveaxis(components, axis, 0)  # n x h x w
+    components = lesion_components(mask, axis) if components is None else np.moveaxis(components, axis, 0)
     return [{"case": case, "slice": p.index, "probability": p.probability, "lesion": bool(components[p.index].any()),
              "lesions": [int(k) for k in np.unique(components[p.index]) if k]}
             for p in predictions if not math.isnan(p.probability)]

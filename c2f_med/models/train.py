@@ -145,11 +145,11 @@ def faint_slices(label: torch.Tensor, index: torch.Tensor, fraction: float, axis
     at least one lesion and ``a_k(i) < fraction * A_k`` for every lesion ``k`` it cuts: the cap of a
     sphere, the tail of a soft lesion. Returns ``len(index)`` booleans (all ``False`` for ``fraction`` 0).
     """
-    from skimage import measure
+    from c2f_med.summary import lesion_components
 
     if fraction <= 0:
         return torch.zeros(len(index), dtype=torch.bool)
-    components = np.moveaxis(measure.label(label.numpy() > 0, connectivity=3), axis, 0)  # Z x X x Y, 0 = none
+    components = lesion_components(label.numpy(), axis)  # slices x h x w, 0 = no lesion
     n, k = components.shape[0], int(components.max()) + 1
     area = np.bincount((np.arange(n)[:, None] * k + components.reshape(n, -1)).ravel(), minlength=n * k)
     area = area.reshape(n, k)[:, 1:]  # slice x lesion voxel counts
@@ -229,7 +229,7 @@ class OnlineLesionSlices(IterableDataset):
             image = finalise(image, anatomy.bias, anatomy.noise_sigma, np.random.default_rng(noise_seed))
             image = MRPercentileNorm()(torch.from_numpy(image)[None])[0].as_tensor()  # plain tensor: fast ops
             out.append(slice_dataset(image, torch.from_numpy(label), self.cfg.img_size))
-        x, y, index, m = out[0]
+        _, y, index, _ = out[0]
         y[faint_slices(torch.from_numpy(mask), index, self.cfg.visible_fraction)] = -1
         return out
 
