@@ -310,8 +310,7 @@ def _score(out: CaseScores, model, volume: torch.Tensor, label: np.ndarray, comp
     threshold = operating_point.threshold
     out.classifier = [{**r, "positive": bool(out.probability[r["slice"]] >= threshold),
                        "probability": float(out.probability[r["slice"]])}
-                      for r in classifier_rows(case, result.predictions, label, axis, components=np.moveaxis(
-                          components, 0, axis))]
+                      for r in classifier_rows(case, result.predictions, label, axis, components=components)]
     device = next(model.parameters()).device
 
     def predict(batch: torch.Tensor) -> torch.Tensor:

@@ -159,9 +159,10 @@ def classifier_rows(case: str, predictions: Sequence[Any], mask: np.ndarray, axi
     """Classifier rows of one case from its slice predictions (:class:`~c2f_med.explain.volume.SlicePrediction`:
     ``index``, ``probability``; NaN, a skipped background slice, gives no row) and its lesion mask
     ``X x Y x Z`` (bool) sliced along ``axis``. A case's lesions are the 26-connected components of
-    the mask (:func:`skimage.measure.label`), numbered 1, 2, ... in the case; ``components`` (``X x Y x Z``)
-    passes them when already computed."""
-    components = lesion_components(mask, axis) if components is None else np.moveaxis(components, axis, 0)
+    the mask (:func:`lesion_components`), numbered 1, 2, ... in the case; ``components`` (``n x h x w``,
+    as :func:`lesion_components` returns them) passes them when already computed."""
+    if components is None:
+        components = lesion_components(mask, axis)
     return [{"case": case, "slice": p.index, "probability": p.probability, "lesion": bool(components[p.index].any()),
              "lesions": [int(k) for k in np.unique(components[p.index]) if k]}
             for p in predictions if not math.isnan(p.probability)]
