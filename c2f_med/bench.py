@@ -63,7 +63,7 @@ from c2f_med.evaluate import check_methods
 from c2f_med.explain import create, explain_volume
 from c2f_med.io.manifest import read_datalist
 from c2f_med.models.bundle import load_bundle
-from c2f_med.slices import evenly_spread, normalise_input, to_model_grid, volume_slices
+from c2f_med.slices import evenly_spread, normalise_input, slice_context, to_model_grid, volume_slices
 from c2f_med.synth.dataset import synth_case
 from c2f_med.synth.writers import write_nifti
 
@@ -144,7 +144,8 @@ def bench_slices(bundle, scans, n_slices: int) -> tuple[torch.Tensor, Path, int]
         volume, mask = data["image"].as_tensor()[0], data["label"][0]
         lesion = torch.nonzero(torch.movedim(mask, AXIS, 0).flatten(1).any(1)).flatten().tolist()
         if lesion:
-            x, _ = to_model_grid(volume_slices(volume, AXIS, lesion).float(), bundle.model.input_size[0])
+            x, _ = to_model_grid(volume_slices(volume, AXIS, lesion, slice_context(bundle.model)).float(),
+                                 bundle.model.input_size)
             slices += list(normalise_input(x))
         if len(slices) >= n_slices:
             break
@@ -198,8 +199,8 @@ def _time_volume(explainer, bundle, spec: Mapping[str, Any]) -> dict[str, Any]:
     device, target = next(bundle.model.parameters()).device, bundle.lesion_class
     scan = load_scan(spec["image"], None, bundle.preset)["image"]  # 1 x X x Y x Z
     baseline, source = _reset_peak_rss()
-    middle = torch.movedim(scan.as_tensor()[0], AXIS, 0)[scan.shape[1 + AXIS] // 2][None, None].float()
-    explainer.explain(normalise_input(to_model_grid(middle, bundle.model.input_size[0])[0]).to(device), target)
+    middle = volume_slices(scan.as_tensor()[0], AXIS, [scan.shape[1 + AXIS] // 2], slice_context(bundle.model))
+    explainer.explain(normalise_input(to_model_grid(middle.float(), bundle.model.input_size)[0]).to(device), target)
     _sync(device)
     start = time.perf_counter()
     result = explain_volume(scan, explainer, axis=AXIS, target=target, slice_batch=SLICE_BATCH, progress=False)

@@ -100,10 +100,11 @@ def batched_logits(model: torch.nn.Module, x: torch.Tensor, batch: int = 64) -> 
 def volume_logits(bundle: Bundle, image: torch.Tensor, mask: torch.Tensor, case: str, batch: int = 64) -> CaseLogits:
     """:class:`CaseLogits` of one preset-normalised ``X x Y x Z`` volume and its lesion mask (same grid)."""
     from c2f_med.models.train import slice_dataset
+    from c2f_med.slices import slice_context
     from c2f_med.summary import lesion_components
 
     axis = int(bundle.config.get("axis", 2))
-    x, y, index, _ = slice_dataset(image, mask, int(bundle.model.input_size[0]), axis)
+    x, y, index, _ = slice_dataset(image, mask, int(bundle.model.input_size[0]), axis, slice_context(bundle.model))
     logits = batched_logits(bundle.model, x, batch).numpy()
     components = lesion_components(mask.numpy(), axis)
     lesions = [[int(k) for k in np.unique(components[int(i)]) if k] for i in index]

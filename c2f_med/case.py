@@ -54,7 +54,7 @@ from c2f_med.metrics.localisation import foreground_mask, localisation_scores, s
 from c2f_med.metrics.stability import int16_storage, noise_floor, saliency_correlation
 from c2f_med.models.bundle import Bundle, OperatingPoint
 from c2f_med.provenance import provenance
-from c2f_med.slices import INPUT_STD, evenly_spread, normalise_input, to_model_grid, volume_slices
+from c2f_med.slices import INPUT_STD, evenly_spread, normalise_input, slice_context, to_model_grid, volume_slices
 from c2f_med.summary import classifier_rows, iou_counts, lesion_components
 
 __all__ = ["FAITHFULNESS", "ITEM_OPTIONS", "LOCALISATION_KEYS", "STABILITY", "CaseResult", "CaseScores", "Metered",
@@ -200,26 +200,24 @@ def tolerance_voxels(model, slice_shape: tuple[int, int]) -> float:
     return model.patch_size / 2 * max(slice_shape) / model.input_size[0]
 
 
-def _model_inputs(volume: torch.Tensor, axis: int, index: Sequence[int], size: int,
-                  device: torch.device) -> torch.Tensor:
-    """``len(index) x 1 x size x size`` normalised model inputs of the slices ``index`` of ``volume``
-    (``X x Y x Z``)."""
-    x, _ = to_model_grid(volume_slices(volume, axis, list(index)).float(), size)
-    return normalise_input(x).to(device)
+def _model_inputs(model, volume: torch.Tensor, axis: int, index: Sequence[int]) -> torch.Tensor:
+    """``len(index) x C x H x W`` normalised inputs of ``model`` for the slices ``index`` of ``volume``
+    (``X x Y x Z``; ``C = 2 k + 1`` for a model with ``k`` context slices)."""
+    x, _ = to_model_grid(volume_slices(volume, axis, list(index), slice_context(model)).float(), model.input_size)
+    return normalise_input(x).to(next(model.parameters()).device)
 
 
 def classify(model, volume: torch.Tensor, axis: int, target: int, operating_point: OperatingPoint,
              batch: int = 64) -> np.ndarray:
     """``n`` calibrated ``target`` probabilities (:meth:`OperatingPoint.probabilities`) of the slices
     of ``volume`` (``X x Y x Z``) along ``axis``; NaN for an all-zero (background) slice."""
-    device = next(model.parameters()).device
     slices = torch.movedim(volume, axis, 0)
     out = np.full(slices.shape[0], math.nan)
     foreground = [i for i in range(slices.shape[0]) if bool(slices[i].ne(0).any())]
     for start in range(0, len(foreground), batch):
         index = foreground[start:start + batch]
         with torch.inference_mode():
-            logits = model(_model_inputs(volume, axis, index, model.input_size[0], device))
+            logits = model(_model_inputs(model, volume, axis, index))
         out[index] = operating_point.probabilities(logits)[:, target].float().cpu().numpy()
     return out
 
@@ -311,7 +309,6 @@ def _score(out: CaseScores, model, volume: torch.Tensor, label: np.ndarray, comp
     out.classifier = [{**r, "positive": bool(out.probability[r["slice"]] >= threshold),
                        "probability": float(out.probability[r["slice"]])}
                       for r in classifier_rows(case, result.predictions, label, axis, components=components)]
-    device = next(model.parameters()).device
 
     def predict(batch: torch.Tensor) -> torch.Tensor:
         return operating_point.probabilities(model(batch))[:, target]
@@ -330,7 +327,7 @@ def _score(out: CaseScores, model, volume: torch.Tensor, label: np.ndarray, comp
             s, m = saliency[i], components[i] > 0
             faith = {"deletion_auc": math.nan, "insertion_auc": math.nan}
             if faithfulness and i in result.model_grid_maps:
-                x = _model_inputs(volume, axis, [i], model.input_size[0], device)[0]
+                x = _model_inputs(model, volume, axis, [i])[0]
                 for mode in ("deletion", "insertion"):
                     fractions, probs = perturbation_curve(
                         x, result.model_grid_maps[i].numpy(), predict, mode=mode,
@@ -371,12 +368,11 @@ def _stability(explainer: Explainer, volume: torch.Tensor, variants: Mapping[str
         return []
     picked = [candidates[k] for k in evenly_spread(len(candidates), limit)]
     model = explainer.model
-    size, device = model.input_size[0], next(model.parameters()).device
 
     def maps(vol: torch.Tensor) -> np.ndarray:
         torch.manual_seed(STABILITY["seed"])
         with torch.enable_grad():
-            expl = explainer.explain(_model_inputs(vol, axis, picked, size, device), target)
+            expl = explainer.explain(_model_inputs(model, vol, axis, picked), target)
         return expl.saliency.float().cpu().numpy()
 
     given = maps(volume)

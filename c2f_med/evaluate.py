@@ -74,6 +74,7 @@ from c2f_med.metrics.faithfulness import auc
 from c2f_med.metrics.sanity import model_randomisation
 from c2f_med.models.bundle import Bundle, load_bundle
 from c2f_med.provenance import provenance
+from c2f_med.slices import slice_context
 from c2f_med.summary import (
     FALSE_ALARM_HEAD,
     PER_SLICE_HEAD,
@@ -210,7 +211,8 @@ def warm_up(bundle: Bundle, methods: Sequence[str], params: Mapping[str, Mapping
     initialisation, allocator growth) stay out of the timings."""
     model = bundle.model
     g = torch.Generator().manual_seed(0)
-    x = torch.randn((1, 1, *model.input_size), generator=g).to(next(model.parameters()).device)
+    channels = 2 * slice_context(model) + 1
+    x = torch.randn((1, channels, *model.input_size), generator=g).to(next(model.parameters()).device)
     for m in methods:
         create(m, model, **(params or {}).get(m, {})).explain(x, bundle.lesion_class)
 

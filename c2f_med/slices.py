@@ -7,6 +7,11 @@ input (keeping its own aspect ratio, so a lesion keeps its shape) and resized to
 undoes the resize and the padding, so per-slice maps stack back onto the volume's own grid. A model
 that wants several channels gets the gray slice repeated (:func:`repeat_channels`); its gradients,
 and so its saliency, come back summed onto the one gray channel.
+
+A 2.5-D model (``slice_context = k > 0``, :func:`slice_context`) sees each slice with its ``k``
+neighbours on either side as ``2k + 1`` channels, in slice order (the slice itself in channel ``k``);
+beyond the volume's first and last slice the edge slice is repeated. Its saliency is a map of the
+middle slice: explainers return one ``H x W`` map whatever the number of channels.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ __all__ = [
     "from_model_grid",
     "normalise_input",
     "repeat_channels",
+    "slice_context",
     "INPUT_MEAN",
     "INPUT_STD",
 ]
@@ -107,15 +113,28 @@ def from_model_grid(maps: torch.Tensor, geom: SliceGeometry) -> torch.Tensor:
     return x[:, 0, geom.top : geom.top + geom.height, geom.left : geom.left + geom.width]
 
 
-def volume_slices(volume: torch.Tensor, axis: int, index: slice | list[int] | None = None) -> torch.Tensor:
-    """``X x Y x Z`` volume -> ``n x 1 x h x w`` slices along ``axis`` (0, 1 or 2), in index order.
+def slice_context(model) -> int:
+    """Neighbouring slices a model sees on either side of each slice (its ``slice_context``; 0: 2-D)."""
+    return int(getattr(model, "slice_context", 0))
 
-    For ``axis=2`` the slice is ``X x Y``; for ``axis=0``, ``Y x Z``; for ``axis=1``, ``X x Z``.
+
+def volume_slices(volume: torch.Tensor, axis: int, index: slice | list[int] | torch.Tensor | None = None,
+                  context: int = 0) -> torch.Tensor:
+    """``X x Y x Z`` volume -> ``n x (2 context + 1) x h x w`` slices along ``axis`` (0, 1 or 2), in index order.
+
+    For ``axis=2`` the slice is ``X x Y``; for ``axis=0``, ``Y x Z``; for ``axis=1``, ``X x Z``. Channel
+    ``j`` of slice ``i`` is slice ``i + j - context``, clamped to the volume (edge slices repeated), so
+    ``context=0`` gives ``n x 1 x h x w``.
     """
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
     moved = torch.movedim(volume, axis, 0)  # n x h x w
+    centre = torch.arange(moved.shape[0])
     if index is not None:
-        moved = moved[index]
-    return moved.unsqueeze(1)
+        centre = centre[index]
+    offsets = torch.arange(-context, context + 1)
+    rows = (centre.reshape(-1, 1) + offsets).clamp(0, moved.shape[0] - 1)  # n x (2 context + 1)
+    return moved[rows]
 
 
 def evenly_spread(n: int, k: int) -> list[int]:

@@ -27,19 +27,19 @@ TINY_CASES = {
 }
 
 
-def write_tiny_bundle(root: Path, seed: int = 0) -> Path:
-    """A bundle folder whose ``configs/inference.json`` builds :data:`TINY_NETWORK` and whose
-    ``models/model.pt`` holds its random (seeded) weights."""
+def write_tiny_bundle(root: Path, seed: int = 0, **network) -> Path:
+    """A bundle folder whose ``configs/inference.json`` builds :data:`TINY_NETWORK` (``network``: keyword
+    arguments changed or added) and whose ``models/model.pt`` holds its random (seeded) weights."""
     from c2f_med.models.vit import LesionViT
 
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(parents=True, exist_ok=True)
     config = {"imports": ["$import torch", "$import c2f_med"], "bundle_root": ".", "device": "cpu",
               "img_size": TINY_NETWORK["img_size"], "preset": "auto", "lesion_class": 1, "axis": 2,
-              "method": "c2f", "network_def": TINY_NETWORK}
+              "method": "c2f", "network_def": {**TINY_NETWORK, **network}}
     (root / "configs" / "inference.json").write_text(json.dumps(config, indent=2))
     torch.manual_seed(seed)
-    kwargs = {k: v for k, v in TINY_NETWORK.items() if k != "_target_"}
+    kwargs = {k: v for k, v in {**TINY_NETWORK, **network}.items() if k != "_target_"}
     torch.save(LesionViT(**kwargs).state_dict(), root / "models" / "model.pt")
     return root
 

@@ -15,6 +15,7 @@ from c2f_med.case import load_scan
 from c2f_med.errors import InputError
 from c2f_med.evaluate import run_evaluate
 from c2f_med.explain import create, explain_volume
+from c2f_med.io.manifest import read_datalist
 from c2f_med.metrics.localisation import average_precision
 from c2f_med.models.bundle import load_bundle
 from tests.conftest import TINY_CASES
@@ -257,3 +258,24 @@ def test_explain_volume_explains_only_the_given_slices(tiny_bundle):
         torch.testing.assert_close(part.saliency[0, ..., z], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="slice indices"):
         explain_volume(scan, create("gradcam", bundle.model), slices=[7], progress=False)
+
+
+def test_a_context_bundle_is_evaluated_end_to_end(tiny_datalist, tmp_path):
+    """A 2.5-D bundle (each slice with one neighbour on either side) runs the whole evaluation: its lesion
+    slices are scored, faithfulness curves perturb its three-slice input, and the classifier's probabilities
+    are those of the model on three-slice inputs."""
+    from tests.conftest import write_tiny_bundle
+
+    bundle = write_tiny_bundle(tmp_path / "context_bundle", context_slices=1)
+    s = run_evaluate(bundle, tiny_datalist, ["c2f", "gradcam"], tmp_path / "out", progress=False)
+    assert s["lesion_slices"] == len(lesion_slices())
+    rows = read_csv(tmp_path / "out" / "per_slice.csv")
+    assert {(r["case"], int(r["slice"])) for r in rows} == lesion_slices()
+    assert all(math.isfinite(float(r["deletion_auc"])) for r in rows)
+    loaded = load_bundle(bundle)
+    item = next(i for i in read_datalist(tiny_datalist, "testing") if i["case_id"] == "tiny_a")
+    data = load_scan(item["image"], item["label"], loaded.preset)
+    result = explain_volume(data["image"], create("gradcam", loaded.model), progress=False)
+    probs = {p.index: p.probability for p in result.predictions}
+    row = next(r for r in rows if r["case"] == "tiny_a" and r["method"] == "gradcam")
+    assert float(row["probability"]) == pytest.approx(probs[int(row["slice"])], abs=1e-5)

@@ -38,3 +38,19 @@ def test_evenly_spread_picks_distinct_indices_from_first_to_last():
     assert evenly_spread(7, 1) == [0] and evenly_spread(7, 0) == [] and evenly_spread(0, 3) == []
     picked = evenly_spread(100, 8)
     assert len(picked) == 8 and picked[0] == 0 and picked[-1] == 99 and picked == sorted(set(picked))
+
+
+def test_volume_slices_with_context_stack_each_slice_between_its_neighbours():
+    from c2f_med.slices import volume_slices
+
+    volume = torch.arange(5.0).view(1, 1, 5).expand(3, 4, 5)  # slice i along axis 2 holds the value i
+    plain = volume_slices(volume, 2)
+    assert plain.shape == (5, 1, 3, 4) and plain[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    wide = volume_slices(volume, 2, [0, 2, 4], context=2)
+    assert wide.shape == (3, 5, 3, 4)
+    assert wide[:, :, 0, 0].tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [2, 3, 4, 4, 4]]  # edges repeated
+    torch.testing.assert_close(wide[:, 2:3], volume_slices(volume, 2, [0, 2, 4]))  # the middle is the slice
+    along_x = volume_slices(torch.arange(3.0).view(3, 1, 1).expand(3, 4, 5), 0, context=1)
+    assert along_x.shape == (3, 3, 4, 5) and along_x[1, :, 0, 0].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="context"):
+        volume_slices(volume, 2, context=-1)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from c2f_med.explain.base import Explainer
 from c2f_med.explain.tokens import minmax
-from c2f_med.slices import from_model_grid, normalise_input, to_model_grid, volume_slices
+from c2f_med.slices import from_model_grid, normalise_input, slice_context, to_model_grid, volume_slices
 
 __all__ = ["SlicePrediction", "VolumeExplanation", "explain_volume"]
 
@@ -177,8 +177,9 @@ def _explain_batch(
 ) -> None:
     """Classify the slices ``index``, explain the ``selected`` ones (``len(index)`` booleans) that pass
     ``min_probability``; write their maps into ``out_slices``."""
-    raw = volume_slices(volume, axis, index).float()  # b x 1 x h x w
-    foreground = raw.flatten(1).ne(0).any(1)
+    context = slice_context(explainer.model)
+    raw = volume_slices(volume, axis, index, context).float()  # b x (2 context + 1) x h x w
+    foreground = raw[:, context].flatten(1).ne(0).any(1)  # the slice itself, not its neighbours
     probs = torch.full((len(index),), math.nan)
     chosen = torch.zeros(len(index), dtype=torch.bool)
     if foreground.any():

@@ -98,7 +98,7 @@ def model_randomisation(
     """
     from c2f_med.case import item_options, load_scan
     from c2f_med.models.bundle import load_bundle
-    from c2f_med.slices import evenly_spread, normalise_input, to_model_grid, volume_slices
+    from c2f_med.slices import evenly_spread, normalise_input, slice_context, to_model_grid, volume_slices
 
     model = bundle.model
     device = next(model.parameters()).device
@@ -120,7 +120,8 @@ def model_randomisation(
             continue
         take = [lesion[k] for k in evenly_spread(len(lesion), min(per_case, max_slices - count))]
         volume = data["image"].as_tensor()[0]  # on the model's grid, so that cases of other sizes stack
-        slices.append(to_model_grid(volume_slices(volume, axis, take).float(), tuple(model.input_size))[0])
+        context = volume_slices(volume, axis, take, slice_context(model)).float()
+        slices.append(to_model_grid(context, tuple(model.input_size))[0])
         count += len(take)
     if not slices:
         return {}

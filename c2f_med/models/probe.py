@@ -39,8 +39,9 @@ class TwinSlices:
     """The slices of one probe volume that cut its lesion, and the same slices of its twin.
 
     Attributes:
-        lesioned: ``n x 1 x S x S`` normalised model-grid slices through the lesion.
-        twin: ``n x 1 x S x S`` the same slices of the lesion-free twin.
+        lesioned: ``n x (2k + 1) x S x S`` normalised model-grid slices through the lesion, each with its
+            ``k`` neighbours on either side.
+        twin: ``n x (2k + 1) x S x S`` the same slices of the lesion-free twin.
     """
 
     lesioned: torch.Tensor
@@ -48,15 +49,17 @@ class TwinSlices:
 
 
 def twin_slices(family: str, volumes: int, seed: int, img_size: int = 96,
-                regimes: Sequence[str] | None = None) -> list[TwinSlices]:
+                regimes: Sequence[str] | None = None, context: int = 0) -> list[TwinSlices]:
     """``volumes`` seeded probe volumes with one ``family`` lesion each (volumes whose lesion cuts no
-    slice are skipped), on anatomies of ``regimes`` (default: the training regimes)."""
+    slice are skipped), on anatomies of ``regimes`` (default: the training regimes), each slice with
+    ``context`` neighbours on either side. The draw does not depend on ``context``."""
     from c2f_med.models.train import OnlineLesionSlices, TrainConfig, twin_rows
     from c2f_med.synth.randomised import FAMILIES, TRAINING_REGIMES, check_names, make_random_anatomy
 
     check_names((family,), FAMILIES, "families")
     regimes = tuple(regimes) if regimes else TRAINING_REGIMES
-    source = OnlineLesionSlices(TrainConfig(families=(family,), lesions_per_volume=(1, 1), img_size=img_size))
+    source = OnlineLesionSlices(TrainConfig(families=(family,), lesions_per_volume=(1, 1), img_size=img_size,
+                                            model={"context_slices": context}))
     rng = np.random.default_rng([seed, FAMILIES.index(family)])
     out = []
     for _ in range(volumes):
@@ -70,13 +73,20 @@ def twin_slices(family: str, volumes: int, seed: int, img_size: int = 96,
 
 def twin_scores(model: torch.nn.Module, volumes: Sequence[TwinSlices], lesion_class: int = 1,
                 batch: int = 64) -> dict[str, float]:
-    """``paired_auroc`` and ``best_slice_auroc`` (module docstring) of ``model`` (``B x 1 x S x S`` ->
-    ``B x 2`` logits) on the probe volumes, with the counts ``volumes`` and ``slices``."""
+    """``paired_auroc`` and ``best_slice_auroc`` (module docstring) of ``model`` (``B x C x S x S`` ->
+    ``B x 2`` logits) on the probe volumes, with the counts ``volumes`` and ``slices``. Volumes drawn
+    with more context than the model sees give it their middle ``C`` channels."""
     from c2f_med.calibrate import batched_logits
     from c2f_med.metrics.localisation import pixel_auroc
+    from c2f_med.slices import slice_context
+
+    k = slice_context(model)
 
     def score(x: torch.Tensor) -> np.ndarray:
-        logits = batched_logits(model, x, batch)
+        middle = (x.shape[1] - 1) // 2
+        if middle < k:
+            raise ValueError(f"probe slices with {middle} context slices for a model that sees {k}")
+        logits = batched_logits(model, x[:, middle - k: middle + k + 1], batch)
         return (logits[:, lesion_class] - logits[:, 1 - lesion_class]).numpy().astype(np.float64)
 
     lesion, twin, best = [], [], []
@@ -104,15 +114,17 @@ def probe_twins(bundles: Sequence[str], families: Sequence[str], volumes: int, s
         ValueError: the bundles' input sizes differ (one probe draw per size would not be the same cases).
     """
     from c2f_med.models.bundle import load_bundle
+    from c2f_med.slices import slice_context
 
     loaded = {b: load_bundle(b) for b in bundles}
     sizes = {int(m.model.input_size[0]) for m in loaded.values()}
     if len(sizes) != 1:
         raise ValueError(f"the bundles take different input sizes {sorted(sizes)}: probe them separately")
     size = sizes.pop()
+    context = max(slice_context(m.model) for m in loaded.values())
     out = {}
     for family in families:
-        draw = twin_slices(family, volumes, seed, size, regimes)
+        draw = twin_slices(family, volumes, seed, size, regimes, context)
         if not draw:
             raise ValueError(f"no {family} lesion of {volumes} probe volumes cut a slice: draw more volumes")
         out[family] = {b: twin_scores(m.model, draw) for b, m in loaded.items()}

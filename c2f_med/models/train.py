@@ -90,6 +90,11 @@ class TrainConfig:
     # left out of training (neither positive nor negative: faint_slices); 0 keeps every lesion slice
     visible_fraction: float = 0.0
 
+    @property
+    def context_slices(self) -> int:
+        """Neighbouring slices on either side that the network sees (``network_def``'s ``context_slices``)."""
+        return int(self.model.get("context_slices", 0))
+
 
 RECIPE_FIXED = ("steps", "epoch_steps", "seed", "init", "model", "img_size")  # set by run_training's own arguments
 
@@ -159,17 +164,18 @@ def faint_slices(label: torch.Tensor, index: torch.Tensor, fraction: float, axis
     return torch.from_numpy(faint[index.numpy()])
 
 
-def slice_dataset(image: torch.Tensor, label: torch.Tensor | None, size: int, axis: int = 2):
+def slice_dataset(image: torch.Tensor, label: torch.Tensor | None, size: int, axis: int = 2, context: int = 0):
     """One preset-normalised volume ``X x Y x Z`` (and its mask) -> model-grid slices and slice labels.
 
-    Background-only slices (all zero) are dropped. Returns ``(x, y, index, masks)``: ``n x 1 x size x
-    size`` normalised input, ``n`` labels (1 = lesion voxels in the slice, -1 without a mask), ``n``
+    Background-only slices (all zero) are dropped. Returns ``(x, y, index, masks)``: ``n x (2 context + 1)
+    x size x size`` normalised input (each slice with ``context`` neighbours on either side,
+    :func:`~c2f_med.slices.volume_slices`), ``n`` labels (1 = lesion voxels in the slice, -1 without a mask), ``n``
     slice indices, and the lesion masks on the model grid (``n x 1 x size x size`` in [0, 1], or
     ``None`` without a mask).
     """
     keep = torch.movedim(image, axis, 0).flatten(1).amax(1) > 0
     index = torch.nonzero(keep).flatten()
-    x, _ = to_model_grid(volume_slices(image, axis, index), size)
+    x, _ = to_model_grid(volume_slices(image, axis, index, context), size)
     if label is None:
         return normalise_input(x), torch.full((len(index),), -1, dtype=torch.long), index, None
     y = (torch.movedim(label, axis, 0)[index].flatten(1).amax(1) > 0).long()
@@ -187,7 +193,8 @@ def twin_rows(index: torch.Tensor, twin_index: torch.Tensor) -> np.ndarray:
 class OnlineLesionSlices(IterableDataset):
     """Endless balanced batches of synthetic slices with freshly drawn lesions.
 
-    Yields ``{"image": B x 1 x S x S, "label": B, "mask": B x 1 x S x S}``. The number of batches yielded so far drives
+    Yields ``{"image": B x (2k + 1) x S x S, "label": B, "mask": B x 1 x S x S}`` (``k``: the network's
+    ``context_slices``). The number of batches yielded so far drives
     the curriculum, so the stream is the same in a DataLoader worker as in the main process.
     """
 
@@ -228,7 +235,8 @@ class OnlineLesionSlices(IterableDataset):
                 image = randomised.degrade(image, scanner, anatomy.spacing)
             image = finalise(image, anatomy.bias, anatomy.noise_sigma, np.random.default_rng(noise_seed))
             image = MRPercentileNorm()(torch.from_numpy(image)[None])[0].as_tensor()  # plain tensor: fast ops
-            out.append(slice_dataset(image, torch.from_numpy(label), self.cfg.img_size))
+            out.append(slice_dataset(image, torch.from_numpy(label), self.cfg.img_size,
+                                     context=self.cfg.context_slices))
         _, y, index, _ = out[0]
         y[faint_slices(torch.from_numpy(mask), index, self.cfg.visible_fraction)] = -1
         return out
@@ -273,7 +281,7 @@ class DatalistSlices(IterableDataset):
         for image, label in _load_cases(items):
             if label is None:
                 raise ValueError(f"training case {image.meta.get('filename_or_obj', '')} has no label")
-            x, y, index, m = slice_dataset(image, label, cfg.img_size)
+            x, y, index, m = slice_dataset(image, label, cfg.img_size, context=cfg.context_slices)
             y[faint_slices(label, index, cfg.visible_fraction)] = -1  # left out by _balanced
             xs.append(x)
             ys.append(y)
@@ -291,7 +299,8 @@ class DatalistSlices(IterableDataset):
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator, masks: torch.Tensor | None = None):
-    """Random per-slice augmentation of normalised slices ``B x 1 x S x S`` (returns a new tensor;
+    """Random per-slice augmentation of normalised slices ``B x C x S x S`` (the same for every channel of a
+    slice; returns a new tensor;
     with ``masks`` ``B x 1 x S x S``, the pair ``(slices, masks)``, masks moved by the same geometry).
 
     Geometry (one bilinear resampling): rotation +-20 deg, sampling scale 0.75-1.25 (zoom in to out), anisotropic
@@ -443,7 +452,7 @@ def training_slices(datalist: str | Path | None, config: TrainConfig, online_les
 
 
 def validation_slices(datalist: str | Path | None, config: TrainConfig) -> list[dict[str, torch.Tensor]]:
-    """Every non-background slice of the datalist's "validation" cases, ``[{"image": 1 x S x S, "label": ()}]``
+    """Every non-background slice of the datalist's "validation" cases, ``[{"image": C x S x S, "label": ()}]``
     (they choose the kept checkpoint; an :class:`~c2f_med.errors.InputError` when there are none)."""
     from c2f_med.errors import InputError
     from c2f_med.io.manifest import read_datalist
@@ -453,7 +462,7 @@ def validation_slices(datalist: str | Path | None, config: TrainConfig) -> list[
         raise InputError(datalist, "has no 'validation' cases to select the best checkpoint on")
     xs, ys = [], []
     for image, label in _load_cases(items):
-        x, y, _, _ = slice_dataset(image, label, config.img_size)
+        x, y, _, _ = slice_dataset(image, label, config.img_size, context=config.context_slices)
         xs.append(x)
         ys.append(y)
     x, y = torch.cat(xs), torch.cat(ys)

@@ -30,7 +30,7 @@ from monai.networks.nets import ViT
 from torch import nn
 
 __all__ = ["TokenOutputs", "TokenViT", "MonaiViTAdapter", "TimmViTAdapter", "LesionViT", "LocalContrast", "conv_stem",
-           "resample_position_embeddings", "add_local_contrast_inputs", "fit_state_dict"]
+           "resample_position_embeddings", "add_local_contrast_inputs", "add_context_inputs", "fit_state_dict"]
 
 
 @dataclass
@@ -57,13 +57,15 @@ class TokenViT(nn.Module):
 
     Subclasses set ``input_size`` (H, W), ``patch_size`` (input pixels per token side),
     ``num_classes``, ``num_heads`` and implement :meth:`forward`, :meth:`attention_modules` and
-    :meth:`last_norm`.
+    :meth:`last_norm`. ``slice_context = k > 0`` marks a 2.5-D model: its ``C_in = 2k + 1`` channels are
+    a slice and its ``k`` neighbours on either side (:func:`c2f_med.slices.volume_slices`).
     """
 
     input_size: tuple[int, int]
     patch_size: int
     num_classes: int
     num_heads: int
+    slice_context: int = 0
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -249,6 +251,8 @@ class LesionViT(MonaiViTAdapter):
     beat one conv per stage by 0.05 validation AUROC for 5 % more time per step.
     ``local_contrast_sigma > 0`` puts :class:`LocalContrast` (Gaussian of that many pixels) in front of
     the stem, which then sees each slice and its local contrast (2 channels).
+    ``context_slices = k > 0`` makes it 2.5-D: ``B x (2k + 1) x H x W``, each slice with its ``k``
+    neighbours on either side (with local contrast, each of them gets its contrast map too).
     """
 
     def __init__(
@@ -264,12 +268,16 @@ class LesionViT(MonaiViTAdapter):
         num_heads: int = 4,
         dropout_rate: float = 0.0,
         local_contrast_sigma: float = 0.0,
+        context_slices: int = 0,
     ):
+        if context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, got {context_slices}")
+        channels = in_channels * (2 * context_slices + 1)
         stride = 2 ** len(stem_channels)
         if img_size % stride:
             raise ValueError(f"img_size {img_size} must be a multiple of the stem stride {stride}")
         vit = ViT(
-            in_channels=stem_channels[-1] if stem_channels else in_channels,
+            in_channels=stem_channels[-1] if stem_channels else channels,
             img_size=(img_size // stride,) * 2,
             patch_size=(1, 1),
             hidden_size=hidden_size,
@@ -286,11 +294,12 @@ class LesionViT(MonaiViTAdapter):
         )
         if local_contrast_sigma > 0 and not stem_channels:
             raise ValueError("local_contrast_sigma needs a convolutional stem (stem_channels)")
-        stem = conv_stem(in_channels * (2 if local_contrast_sigma > 0 else 1), stem_channels, stem_depth) \
+        stem = conv_stem(channels * (2 if local_contrast_sigma > 0 else 1), stem_channels, stem_depth) \
             if stem_channels else None
         if local_contrast_sigma > 0:
             stem = nn.Sequential(LocalContrast(local_contrast_sigma), *stem)
         super().__init__(vit, (img_size, img_size), stem=stem, stem_stride=stride)
+        self.slice_context = int(context_slices)
 
 
 POSITION_KEY = "vit.patch_embedding.position_embeddings"
@@ -339,10 +348,34 @@ def add_local_contrast_inputs(state: dict, net: LesionViT) -> dict:
     return out
 
 
+def add_context_inputs(state: dict, net: LesionViT) -> dict:
+    """A state dict of a 2-D :class:`LesionViT` made to fit ``net``, a 2.5-D one (``slice_context = k``).
+
+    The first convolution's ``C_out x G x 3 x 3`` kernel (``G`` = 1, or 2 with local contrast: the
+    slice, then its contrast map) becomes ``C_out x G (2k + 1) x 3 x 3``: within each group the old
+    kernel on the middle slice's channel, zeros on the ``2k`` neighbours'. ``net`` then computes exactly
+    what the 2-D weights did until fine-tuning gives the neighbours weight. A state dict that already
+    fits, or a 2-D ``net``, is returned as it is.
+    """
+    k = int(getattr(net, "slice_context", 0))
+    first = next((name for name, m in net.stem.named_modules() if isinstance(m, nn.Conv2d)), None) \
+        if isinstance(getattr(net, "stem", None), nn.Sequential) else None
+    key = f"stem.{first}.weight"
+    if not k or first is None or key not in state:
+        return state
+    kernel, wanted = state[key], net.get_parameter(key).shape[1]
+    groups = kernel.shape[1]
+    if groups * (2 * k + 1) != wanted:
+        return state
+    grown = kernel.new_zeros(kernel.shape[0], groups, 2 * k + 1, *kernel.shape[2:])
+    grown[:, :, k] = kernel
+    return {**state, key: grown.reshape(kernel.shape[0], wanted, *kernel.shape[2:])}
+
+
 def fit_state_dict(state: dict, net: LesionViT) -> dict:
-    """``state`` fitted to ``net`` for fine-tuning: :func:`add_local_contrast_inputs`, then
-    :func:`resample_position_embeddings`."""
-    return resample_position_embeddings(add_local_contrast_inputs(state, net), net)
+    """``state`` fitted to ``net`` for fine-tuning: :func:`add_local_contrast_inputs`,
+    :func:`add_context_inputs`, then :func:`resample_position_embeddings`."""
+    return resample_position_embeddings(add_context_inputs(add_local_contrast_inputs(state, net), net), net)
 
 
 class TimmViTAdapter(TokenViT):

@@ -129,3 +129,34 @@ def test_independent_of_batch_composition(model, name):
         torch.testing.assert_close(alone, together[b], atol=1e-5, rtol=0, msg=f"{name}: slice {b}")
     reordered = explainer.explain(x.flip(0), 1).saliency.flip(0)
     torch.testing.assert_close(reordered, together, atol=1e-5, rtol=0)
+
+
+def context_spot_vit() -> TokenViT:
+    """:func:`spot_vit` as a 2.5-D model (``slice_context = 1``): three channels, a slice between its two
+    neighbours, of which it reads the middle one only."""
+    flat = spot_vit().model
+    vit = VisionTransformer(img_size=SIZE, patch_size=PATCH, in_chans=3, num_classes=2, embed_dim=WIDTH, depth=2,
+                            num_heads=1, mlp_ratio=1.0)
+    state = flat.state_dict()
+    kernel = torch.zeros(WIDTH, 3, PATCH, PATCH)
+    kernel[:, 1] = state["patch_embed.proj.weight"][:, 0]
+    vit.load_state_dict({**state, "patch_embed.proj.weight": kernel})
+    model = TimmViTAdapter(vit).eval()
+    model.slice_context = 1
+    return model
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_context_model_is_explained_on_its_middle_slice(name):
+    """With neighbour channels that hold a spot elsewhere (which the model does not read), every method
+    still returns one map per slice with its maximum in the patch the model reads."""
+    model = context_spot_vit()
+    explainer = _explainer(name, model)
+    middle = images(3, 1)
+    decoy = images(3, 4).roll(shifts=(PATCH * 2, PATCH), dims=(-2, -1))  # the spot moved two rows, one column
+    x = torch.cat([decoy, middle, decoy], 1)
+    e = explainer.explain(x, 1)
+    assert e.saliency.shape == (3, SIZE, SIZE)
+    peak = e.saliency.flatten(1).argmax(1)
+    rows, cols = peak // SIZE // PATCH, peak % SIZE // PATCH
+    assert rows.tolist() == [SPOT[0]] * 3 and cols.tolist() == [SPOT[1]] * 3, name

@@ -41,3 +41,25 @@ def test_twin_scores_follow_the_model():
 def test_unknown_family_is_refused():
     with pytest.raises(ValueError, match="families must be among"):
         twin_slices("blob", volumes=1, seed=0)
+
+
+def test_probe_slices_with_context_hold_the_2d_draw_in_their_middle_channel():
+    flat = twin_slices("homogeneous", volumes=1, seed=3, img_size=32)
+    wide = twin_slices("homogeneous", volumes=1, seed=3, img_size=32, context=2)
+    assert wide[0].lesioned.shape[1] == 5
+    torch.testing.assert_close(wide[0].lesioned[:, 2:3], flat[0].lesioned)
+    torch.testing.assert_close(wide[0].twin[:, 2:3], flat[0].twin)
+
+
+def test_a_model_with_less_context_than_the_probe_gets_its_middle_channels():
+    lesioned = torch.zeros(3, 3, 8, 8)
+    lesioned[:, 1] = 1.0  # only the middle slice shows the lesion; the neighbours are darker than the twin
+    lesioned[:, [0, 2]] = -1.0
+    volumes = [TwinSlices(lesioned, torch.zeros(3, 3, 8, 8))]
+    assert twin_scores(SumModel(1.0), volumes)["paired_auroc"] == 1.0  # a 2-D model sees channel 1 alone
+    wide = SumModel(1.0)
+    wide.slice_context = 1  # sums all three channels: -1 against 0
+    assert twin_scores(wide, volumes)["paired_auroc"] == 0.0
+    wide.slice_context = 2
+    with pytest.raises(ValueError, match="context"):
+        twin_scores(wide, volumes)

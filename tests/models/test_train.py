@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from c2f_med.io.manifest import read_datalist, write_datalist
+from c2f_med.io.transforms import load_case_transforms
 from c2f_med.models.train import (
     OnlineLesionSlices,
     TokenLesionHead,
@@ -18,6 +19,7 @@ from c2f_med.models.train import (
     augment,
     faint_slices,
     run_training,
+    slice_dataset,
     token_targets,
     twin_rows,
 )
@@ -312,3 +314,49 @@ def test_visible_fraction_leaves_faint_datalist_slices_out_of_the_batches(tmp_pa
     assert int(left_out.sum()) == 2 and (every.y[left_out] == 1).all()
     assert (visible.y[~left_out] == every.y[~left_out]).all()
     assert set(next(iter(visible))["label"].tolist()) <= {0, 1}
+
+
+def test_a_context_network_trains_from_2d_weights_and_is_classified_and_explained_in_context(train_datalist,
+                                                                                            tmp_path):
+    """A 2.5-D bundle (``context_slices`` 1 in network_def) fine-tunes from 2-D weights on three-slice
+    inputs, and calibration and the volume explainer hand its model three slices as well."""
+    from c2f_med.calibrate import volume_logits
+    from c2f_med.explain import create
+    from c2f_med.explain.volume import explain_volume
+    from c2f_med.models.bundle import load_bundle
+
+    start = LesionViT(img_size=32, **TINY)
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    bundle = write_tiny_bundle(tmp_path / "bundle", context_slices=1)
+    _train(train_datalist, bundle, 1, 2, init=tmp_path / "start.pt", recipe={"batch_size": 8, "warmup_steps": 1})
+    loaded = load_bundle(bundle)
+    assert loaded.model.slice_context == 1 and loaded.model.stem[0].in_channels == 3
+    item = read_datalist(train_datalist, "validation")[0]
+    data = load_case_transforms(keys=("image", "label"))({"image": item["image"], "label": item["label"]})
+    image, mask = data["image"][0].as_tensor(), data["label"][0].as_tensor()
+    x, y, index, _ = slice_dataset(image, mask, 32, context=1)
+    assert x.shape[1] == 3
+    torch.testing.assert_close(x[:, 1:2], slice_dataset(image, mask, 32)[0])
+    logits = volume_logits(loaded, image, mask, "tiny").logits
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), loaded.model(x), atol=1e-5, rtol=0)
+    result = explain_volume(data["image"], create("gradcam", loaded.model), progress=False)
+    probs = [p.probability for p in result.predictions if p.explained]
+    with torch.no_grad():
+        expected = loaded.model(x).softmax(1)[:, 1]
+    torch.testing.assert_close(torch.tensor(probs), expected, atol=1e-5, rtol=0)
+    assert result.saliency.shape == data["image"].shape and result.saliency.max() > 0
+
+
+def test_the_online_stream_gives_a_context_network_each_slice_between_its_neighbours():
+    flat = OnlineLesionSlices(TrainConfig(anatomy_pool=1, batch_size=8, seed=5))
+    wide = OnlineLesionSlices(TrainConfig(anatomy_pool=1, batch_size=8, seed=5, model={"context_slices": 1}))
+    rng = np.random.default_rng(2)
+    (x, y, _, _), _ = flat.twins(flat._anatomy(rng), rng, 0)
+    rng = np.random.default_rng(2)
+    (wx, wy, _, _), _ = wide.twins(wide._anatomy(rng), rng, 0)
+    assert wx.shape == (x.shape[0], 3, *x.shape[2:]) and torch.equal(wy, y)
+    torch.testing.assert_close(wx[:, 1:2], x)
+    torch.testing.assert_close(wx[1:, 0], x[:-1, 0])  # (the brain's slices are contiguous)
+    batch = next(iter(wide))
+    assert batch["image"].shape == (8, 3, 96, 96) and batch["mask"].shape == (8, 1, 96, 96)

@@ -186,3 +186,37 @@ def test_weights_without_local_contrast_fine_tune_a_network_with_it_from_the_sam
     assert torch.any(net.stem[1].weight.grad[:, 1:] != 0)
     fitting = net.state_dict()
     assert fit_state_dict(fitting, net) is fitting
+
+
+@pytest.mark.parametrize("sigma", [0.0, 2.0])
+def test_2d_weights_fine_tune_a_context_network_from_the_same_function(sigma):
+    """Weights of a 2-D network (with or without local contrast) load into a 2.5-D one: the first kernel
+    keeps the old weights on the middle slice's channels and zeros on the neighbours', so the logits
+    equal the 2-D network's on the middle slice whatever the neighbours hold, and the neighbour kernels
+    get a gradient."""
+    from c2f_med.models.vit import fit_state_dict
+
+    kw = dict(img_size=32, stem_channels=(8, 16), hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2,
+              local_contrast_sigma=sigma)
+    torch.manual_seed(0)
+    flat = LesionViT(**kw).eval()
+    net = LesionViT(**kw, context_slices=2)
+    assert net.slice_context == 2 and flat.slice_context == 0
+    state = fit_state_dict(flat.state_dict(), net)
+    net.load_state_dict(state)
+    net.eval()
+    g = torch.Generator().manual_seed(3)
+    middle, neighbours = torch.randn(2, 1, 32, 32, generator=g), torch.randn(2, 4, 32, 32, generator=g)
+    x = torch.cat([neighbours[:, :2], middle, neighbours[:, 2:]], 1)
+    torch.testing.assert_close(net(x), flat(middle))
+    first = next(m for m in net.stem.modules() if isinstance(m, torch.nn.Conv2d))
+    groups = 2 if sigma else 1
+    assert first.in_channels == 5 * groups
+    kernel = first.weight.detach().view(first.out_channels, groups, 5, 3, 3)
+    assert not torch.any(kernel[:, :, [0, 1, 3, 4]])
+    net(x)[:, 1].sum().backward()
+    assert torch.any(first.weight.grad.view(first.out_channels, groups, 5, 3, 3)[:, :, [0, 1, 3, 4]] != 0)
+    fitting = net.state_dict()
+    assert fit_state_dict(fitting, net) is fitting
+    with pytest.raises(ValueError, match="context_slices"):
+        LesionViT(**kw, context_slices=-1)
