@@ -89,6 +89,9 @@ class TrainConfig:
     # lesion slices showing every lesion they cut at less than this share of its largest cross-section are
     # left out of training (neither positive nor negative: faint_slices); 0 keeps every lesion slice
     visible_fraction: float = 0.0
+    # learning rate of the first convolution's kernel, as a multiple of lr (1: the same as every weight);
+    # above 1 it lets input channels added at zero (neighbouring slices, local contrast) grow in a fine-tune
+    input_lr_scale: float = 1.0
 
     @property
     def context_slices(self) -> int:
@@ -378,15 +381,24 @@ def token_targets(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
     return (F.avg_pool2d(masks.float(), patch_size) >= 0.05).float().flatten(1)
 
 
-def param_groups(net: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, position embeddings and the CLS token."""
+def param_groups(net: nn.Module, weight_decay: float, input_lr: float | None = None) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, position embeddings and the CLS token. With ``input_lr``,
+    the first convolution's kernel (the one that reads the input channels) is a group of its own at that
+    learning rate: new input channels that start at zero (:func:`~c2f_med.models.vit.fit_state_dict`)
+    move at most about one learning rate per Adam step, so at a fine-tune's rate they hardly move."""
+    first = next((m.weight for m in net.modules() if isinstance(m, nn.Conv2d)), None) if input_lr else None
     decay, no_decay = [], []
     for name, p in net.named_parameters():
+        if p is first:
+            continue
         if p.ndim <= 1 or "position_embeddings" in name or "cls_token" in name or "norm" in name:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if first is not None:
+        groups.append({"params": [first], "weight_decay": weight_decay, "lr": float(input_lr)})
+    return groups
 
 
 class WarmupCosine:

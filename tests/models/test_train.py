@@ -360,3 +360,16 @@ def test_the_online_stream_gives_a_context_network_each_slice_between_its_neighb
     torch.testing.assert_close(wx[1:, 0], x[:-1, 0])  # (the brain's slices are contiguous)
     batch = next(iter(wide))
     assert batch["image"].shape == (8, 3, 96, 96) and batch["mask"].shape == (8, 1, 96, 96)
+
+
+def test_input_lr_puts_the_first_kernel_in_a_group_of_its_own():
+    from c2f_med.models.train import param_groups
+
+    net = TokenLesionHead(LesionViT(img_size=32, **TINY, context_slices=1))
+    plain = param_groups(net, 0.05)
+    assert len(plain) == 2 and sum(len(g["params"]) for g in plain) == len(list(net.parameters()))
+    groups = param_groups(net, 0.05, input_lr=3e-3)
+    assert len(groups) == 3 and groups[2]["params"] == [net.net.stem[0].weight] and groups[2]["lr"] == 3e-3
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+    optimiser = torch.optim.AdamW(groups, lr=1e-4)
+    assert [g["lr"] for g in optimiser.param_groups] == [1e-4, 1e-4, 3e-3]
